@@ -1,0 +1,99 @@
+"""What every backend offers the runner, and the arrival bookkeeping two of them share.
+
+A backend turns requests plus a schedule (when each may be sent, how many may be in flight) into
+one `RequestResult` per request, stamped with `time.perf_counter()`. Keeping the schedule inside
+the backend lets each use its natural mechanism (engine steps, batched `generate`, threads) while
+the runner and the metrics stay identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from rosetool.bench.metrics import RequestResult
+from rosetool.bench.workload import Request, Vocab
+
+BACKENDS = ("rosetool", "hf", "openai")
+OnDone = Callable[[RequestResult], None]
+
+
+@dataclass
+class BackendConfig:
+    name: str = "rosetool"
+    model: Path | None = None
+    hf_model_id: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = True
+    seed: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    hf_static_cache: bool = False
+    base_url: str | None = None
+    served_model_name: str | None = None
+    stream: bool = True
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Schedule:
+    """`arrivals[i]`: seconds after the run starts when request i may be sent."""
+
+    arrivals: list[float]
+    max_concurrency: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+    model_id: str
+    vocab: Vocab
+
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]: ...
+
+    def close(self) -> None: ...
+
+
+class Admission:
+    """Releases request indices once their arrival time has passed and a concurrency slot is free."""
+
+    def __init__(self, schedule: Schedule, cap: int | None = None):
+        limits = [x for x in (schedule.max_concurrency, cap) if x]
+        self.limit = min(limits) if limits else math.inf
+        self.arrivals = schedule.arrivals
+        self.pending = deque(range(len(schedule.arrivals)))
+        self.t0 = time.perf_counter()
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.pending
+
+    def due(self, in_flight: int) -> list[int]:
+        now = time.perf_counter() - self.t0
+        out: list[int] = []
+        while self.pending and self.arrivals[self.pending[0]] <= now and in_flight + len(out) < self.limit:
+            out.append(self.pending.popleft())
+        return out
+
+    def wait(self) -> None:
+        """Sleep until the next arrival; only called when nothing is in flight."""
+        if self.pending:
+            delay = self.t0 + self.arrivals[self.pending[0]] - time.perf_counter()
+            time.sleep(max(0.0, delay))
+
+
+def fail(result: RequestResult, error: BaseException) -> None:
+    result.success = False
+    result.error = f"{type(error).__name__}: {error}"
+    result.end = time.perf_counter()

@@ -1,0 +1,148 @@
+"""The offline, naive, online and latency loops: what is run, how often, and which numbers come out.
+
+Every pass draws its workload with seed + pass index, so warm-up passes never pre-fill the prefix
+cache with the exact prompts a measured pass then sends, yet two backends given the same seed see
+the same prompts in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+from rosetool.bench import metrics, workload
+from rosetool.bench.backends import Backend, Schedule
+from rosetool.bench.metrics import RequestResult
+from rosetool.bench.progress import LiveProgress
+from rosetool.bench.workload import WorkloadSpec
+from rosetool.errors import RosetoolError
+
+MODES = ("naive", "offline", "online", "latency")
+THROUGHPUT_KEYS = ["duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
+                   "request_throughput", "input_throughput", "output_throughput", "total_token_throughput"]
+LATENCY_KEYS = ["prefill_ms", "decode_step_ms", "latency_ms", "decode_steps", "output_throughput"]
+
+
+@dataclass
+class RunSettings:
+    warmup: int = 1
+    runs: int = 3
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
+    slo: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 8
+    profile_dir: Path | None = None
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    metrics: dict[str, float]
+    runs: list[dict[str, float]] = field(default_factory=list)
+    details: dict[str, list] = field(default_factory=dict)
+    first_error: str = ""
+
+
+@contextmanager
+def profiling(directory: Path | None, label: str) -> Iterator[None]:
+    """A torch profiler Chrome trace of one measured pass, viewable in Perfetto or chrome://tracing."""
+    if directory is None:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    directory.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities) as prof:
+        yield
+    prof.export_chrome_trace(str(directory / f"{label}.json"))
+
+
+def details(results: list[RequestResult]) -> dict[str, list]:
+    """Per-request arrays in seconds, named like vLLM's `--save-detailed` output."""
+    done = [r for r in results if r.success]
+    return {
+        "input_lens": [r.prompt_len for r in results],
+        "output_lens": [r.output_tokens for r in results],
+        "ttfts": [r.ttft if r.success else None for r in results],
+        "itls": [r.itls for r in results],
+        "e2els": [r.e2el if r.success else None for r in results],
+        "tpots": [r.tpot for r in results],
+        "errors": [r.error for r in results],
+        "completed_requests": len(done),
+    }
+
+
+class Runner:
+    def __init__(self, backend: Backend, spec: WorkloadSpec, settings: RunSettings, progress: LiveProgress):
+        self.backend, self.spec, self.settings, self.progress = backend, spec, settings, progress
+        self._first_error = ""
+
+    def run(self, mode: str) -> ModeResult:
+        if mode == "naive":
+            return self.offline(max_concurrency=1, mode="naive")
+        return {"offline": self.offline, "online": self.online, "latency": self.latency}[mode]()
+
+    def _requests(self, k: int, num_prompts: int | None = None) -> list[workload.Request]:
+        spec = replace(self.spec, seed=self.spec.seed + k, num_prompts=num_prompts or self.spec.num_prompts)
+        return workload.build(spec, self.backend.vocab)
+
+    def _pass(self, label: str, requests: list[workload.Request], schedule: Schedule,
+              profile: bool = False) -> tuple[list[RequestResult], float, float]:
+        """One pass over the requests: results, start stamp and wall duration."""
+        trace_dir = self.settings.profile_dir if profile else None
+        with self.progress.task(label, len(requests)) as advance, profiling(trace_dir, label.split()[0]):
+            start = time.perf_counter()
+            results = self.backend.run(requests, schedule, advance)
+            duration = time.perf_counter() - start
+        failed = [r for r in results if not r.success]
+        if failed and len(failed) == len(results):
+            raise RosetoolError(f"all {len(results)} requests failed on backend {self.backend.name}: {failed[0].error}")
+        self._first_error = self._first_error or (failed[0].error if failed else "")
+        return results, start, duration
+
+    def _warmups(self, mode: str, max_concurrency: int | None, num_prompts: int | None = None) -> None:
+        for k in range(self.settings.warmup):
+            requests = self._requests(k, num_prompts)
+            self._pass(f"{mode} warm-up {k + 1}", requests, Schedule([0.0] * len(requests), max_concurrency))
+
+    def offline(self, max_concurrency: int | None = None, mode: str = "offline") -> ModeResult:
+        limit = max_concurrency or self.settings.max_concurrency
+        self._warmups(mode, limit)
+        runs, results = [], []
+        for k in range(self.settings.runs):
+            requests = self._requests(self.settings.warmup + k)
+            results, _, duration = self._pass(f"{mode} run {k + 1}", requests, Schedule([0.0] * len(requests), limit),
+                                              profile=k == self.settings.runs - 1)
+            runs.append(metrics.throughput(results, duration))
+        return ModeResult(mode, metrics.aggregate(runs, THROUGHPUT_KEYS), runs, details(results), self._first_error)
+
+    def online(self) -> ModeResult:
+        s = self.settings
+        self._warmups("online", s.max_concurrency)
+        requests = self._requests(s.warmup)
+        arrivals = workload.arrival_offsets(len(requests), s.request_rate, s.burstiness, self.spec.seed)
+        results, _, duration = self._pass("online", requests, Schedule(arrivals, s.max_concurrency), profile=True)
+        stats = metrics.serving_metrics(results, duration, s.percentiles, s.slo)
+        return ModeResult("online", stats, [], details(results), self._first_error)
+
+    def latency(self) -> ModeResult:
+        """One fixed batch, all at once; prefill and decode-step times from the token stamps."""
+        s = self.settings
+        self._warmups("latency", None, s.batch_size)
+        runs, results = [], []
+        for k in range(s.runs):
+            requests = self._requests(s.warmup + k, s.batch_size)
+            results, start, duration = self._pass(f"latency run {k + 1}", requests,
+                                                  Schedule([0.0] * len(requests)), profile=k == s.runs - 1)
+            stats = metrics.latency_metrics(results, start)
+            stats["output_throughput"] = sum(r.output_tokens for r in results) / duration
+            runs.append(stats)
+        return ModeResult("latency", metrics.aggregate(runs, LATENCY_KEYS), runs, details(results), self._first_error)

@@ -1,0 +1,134 @@
+"""The conversion entry points the CLI, the runtime and the benchmarks share."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import RosetoolError
+from .config_map import unknown_fields, write_config
+from .execute import execute
+from .outdir import atomic_output
+from .plan import Plan, make_plan
+from .sinks import DictSink, FolderSink
+from .sources import NATIVE_MARKER, Checkpoint, open_checkpoint
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class ConvertResult:
+    src: str
+    dst: str
+    src_format: str
+    dst_format: str
+    architecture: str
+    num_tensors: int
+    nbytes: int
+    seconds: float
+    unknown_config: list[str] = field(default_factory=list)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise RosetoolError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _hf_config(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
+    """Build the config through the installed transformers so it writes what transformers (and vLLM) read."""
+    from transformers import AutoConfig
+    spec = ckpt.spec
+    fields = write_config(spec.format("hf"), ckpt.config)
+    fields.update(spec.format("hf").write)
+    previous = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        cfg = AutoConfig.for_model(spec.model_type, **fields)
+    finally:
+        logging.getLogger("transformers").setLevel(previous)
+    out = cfg.to_dict()
+    out["architectures"] = [spec.architecture]
+    out["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    out.pop("torch_dtype", None)
+    return out
+
+
+def _native_config(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
+    return {"format": NATIVE_MARKER, "format_version": 1, "architecture": ckpt.spec.name,
+            "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "config": ckpt.config}
+
+
+def _generation_config(ckpt: Checkpoint) -> dict[str, Any]:
+    cfg = ckpt.config
+    return {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
+
+
+CONFIG_WRITERS: dict[str, Callable[[Checkpoint, torch.dtype], dict[str, Any]]] = {
+    "hf": _hf_config, "native": _native_config,
+}
+
+
+def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
+                 max_shard_size: int | None, on_tensor: Callable[[int], None] | None) -> None:
+    """Safetensors weights + config + the tokenizer and generation files the source carried."""
+    sink = FolderSink(folder, plan.outputs, max_shard_size)
+    try:
+        execute(plan, ckpt, sink, dtype, on_tensor)
+    finally:
+        sink.close()
+    out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
+    config = CONFIG_WRITERS[plan.dst_format](ckpt, out_dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    for f in ckpt.extra_files:
+        shutil.copy2(f, folder / f.name)
+    if not (folder / "generation_config.json").exists() and _generation_config(ckpt):
+        (folder / "generation_config.json").write_text(json.dumps(_generation_config(ckpt), indent=2) + "\n")
+
+
+# Formats whose output is not one safetensors folder (Megatron rank files) register a writer here.
+WRITERS: dict[str, Callable[..., None]] = {}
+
+
+def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, max_shard_size: int | None = None,
+            force: bool = False, on_tensor: Callable[[int], None] | None = None,
+            on_plan: Callable[[Plan], None] | None = None, params: dict[str, Any] | None = None) -> ConvertResult:
+    """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`."""
+    start = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    ckpt = open_checkpoint(src)
+    plan = make_plan(ckpt, to, torch_dtype, params)
+    if on_plan:
+        on_plan(plan)
+    with atomic_output(Path(dst), force, ckpt.path) as tmp:
+        writer = WRITERS.get(to, write_folder)
+        writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
+    nbytes = sum(torch.Size(s).numel() * d.itemsize for _, d, s in plan.outputs)
+    fmt = ckpt.spec.format(ckpt.format)
+    return ConvertResult(str(ckpt.path), str(dst), ckpt.format, to, ckpt.spec.name, len(plan.outputs), nbytes,
+                         time.perf_counter() - start, unknown_fields(fmt, ckpt.raw_config))
+
+
+def export_hf(src: str | Path, dst: str | Path, **kwargs: Any) -> ConvertResult:
+    """Any supported source -> an HF folder that transformers and vLLM load as is."""
+    return convert(src, dst, "hf", **kwargs)
+
+
+def load_state(src: str | Path | Checkpoint, to: str = "native",
+               dtype: torch.dtype | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """Convert in memory (the runtime loads any format this way)."""
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    plan = make_plan(ckpt, to, dtype)
+    sink = DictSink()
+    execute(plan, ckpt, sink, dtype)
+    return ckpt, dict(sink)

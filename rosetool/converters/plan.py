@@ -1,0 +1,173 @@
+"""Spec + config + source headers -> a plan: which format tensors to read, which to write, in groups.
+
+Every tensor's shape is known before any data moves (ops traced on meta tensors), so bad inputs fail
+before a byte is written and the writer can lay out its files up front. Tensors are grouped by the
+canonical tensors they share (a fused QKV read feeds three canonical tensors that feed one fused
+write), so the executor holds one group at a time and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError, RosetoolError
+from ..mappings import expr
+from ..mappings.ops import Chain, Shapes, build_op
+from ..mappings.spec import ArchSpec, Format, expand, is_layered
+from .sources import Checkpoint
+
+
+@dataclass(frozen=True)
+class Step:
+    """One format tensor and how it relates to canonical tensors."""
+    key: str
+    sources: tuple[str, ...]
+    chain: Chain
+    trace: list[Shapes]
+    tp: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.trace[-1][0])
+
+
+@dataclass
+class Group:
+    reads: list[Step] = field(default_factory=list)
+    writes: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    spec: ArchSpec
+    config: dict[str, Any]
+    dst_format: str
+    groups: list[Group]
+    source_keys: dict[str, str]           # planned key -> key as stored in the source
+    outputs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def format_env(fmt: Format, config: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    env = dict(config)
+    for k, v in fmt.params.items():
+        env[k] = expr.evaluate(v, env)
+    env.update(params or {})
+    return env
+
+
+def _layers(template: str, config: Mapping[str, Any]) -> list[int | None]:
+    return list(range(config["num_layers"])) if is_layered(template) else [None]
+
+
+def canonical_shapes(spec: ArchSpec, config: Mapping[str, Any]) -> dict[str, torch.Size]:
+    out = {}
+    for t in spec.tensors:
+        if t.when is not None and not expr.evaluate(t.when, config):
+            continue
+        shape = torch.Size(int(expr.evaluate(d, config)) for d in t.shape)
+        for layer in _layers(t.name, config):
+            out[expand(t.name, layer)] = shape
+    return out
+
+
+def expand_format(spec: ArchSpec, fmt: Format, config: Mapping[str, Any],
+                  params: Mapping[str, Any] | None = None) -> list[Step]:
+    """Concrete steps of one format; entries whose canonical tensors are absent (tied head) drop out."""
+    shapes = canonical_shapes(spec, config)
+    env = format_env(fmt, config, params)
+    steps = []
+    for e in fmt.entries:
+        if e.when is not None and not expr.evaluate(e.when, env):
+            continue
+        chain = Chain(tuple(build_op(op, env) for op in e.ops))
+        for layer in _layers(e.key, config):
+            sources = tuple(expand(s, layer) for s in e.sources)
+            if not all(s in shapes for s in sources):
+                continue
+            try:
+                trace = chain.trace([shapes[s] for s in sources])
+            except (RuntimeError, ValueError) as exc:
+                raise RosetoolError(f"{spec.file}: formats.{fmt.name} entry {e.key!r}: ops do not fit the "
+                                    f"config ({str(exc).splitlines()[0]})") from None
+            steps.append(Step(expand(e.key, layer), sources, chain, trace, e.tp))
+    return steps
+
+
+def ignored_keys(fmt: Format, config: Mapping[str, Any]) -> set[str]:
+    env = format_env(fmt, config)
+    out = set()
+    for rule in fmt.ignore:
+        if rule.get("when") is None or expr.evaluate(rule["when"], env):
+            out.update(expand(rule["key"], layer) for layer in _layers(rule["key"], config))
+    return out
+
+
+def _stored_key(key: str, present: Mapping[str, Any], prefixes: tuple[str, ...]) -> str | None:
+    if key in present:
+        return key
+    for p in prefixes:
+        if key.startswith(p) and key[len(p):] in present:
+            return key[len(p):]
+    return None
+
+
+def match_source(ckpt: Checkpoint, fmt: Format, steps: list[Step]) -> dict[str, str]:
+    """Check the source holds exactly the planned tensors with the planned shapes."""
+    where = ckpt.path
+    found: dict[str, str] = {}
+    for s in steps:
+        key = _stored_key(s.key, ckpt.tensors, fmt.key_prefixes)
+        if key is None:
+            raise CheckpointError(f"{where}: missing tensor {s.key!r} (expected for {ckpt.spec.name})")
+        got = tuple(ckpt.tensors[key].shape)
+        if got != s.shape:
+            raise CheckpointError(f"{ckpt.tensors[key].file}: tensor {key!r} has shape {list(got)}, "
+                                  f"config implies {list(s.shape)}")
+        found[s.key] = key
+    ignored = {_stored_key(k, ckpt.tensors, fmt.key_prefixes) for k in ignored_keys(fmt, ckpt.config)}
+    extra = sorted(set(ckpt.tensors) - set(found.values()) - ignored)
+    if extra:
+        raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r} "
+                              f"({len(extra)} unexpected in all) for {ckpt.spec.name}")
+    return found
+
+
+def _group(reads: list[Step], writes: list[Step]) -> list[Group]:
+    """Union-find over canonical names; groups come out in the order of the first write."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for step in reads + writes:
+        for s in step.sources[1:]:
+            parent[find(s)] = find(step.sources[0])
+    groups: dict[str, Group] = {}
+    for step in writes:
+        groups.setdefault(find(step.sources[0]), Group()).writes.append(step)
+    for step in reads:
+        root = find(step.sources[0])
+        if root in groups:
+            groups[root].reads.append(step)
+    return list(groups.values())
+
+
+def make_plan(ckpt: Checkpoint, dst_format: str, dtype: torch.dtype | None = None,
+              dst_params: Mapping[str, Any] | None = None) -> Plan:
+    spec, config = ckpt.spec, ckpt.config
+    src_fmt = spec.format(ckpt.format)
+    reads = expand_format(spec, src_fmt, config, ckpt.info.get("params"))
+    source_keys = match_source(ckpt, src_fmt, reads)
+    writes = expand_format(spec, spec.format(dst_format), config, dst_params)
+    groups = _group(reads, writes)
+    outputs = []
+    for g in groups:
+        src_dtype = ckpt.tensors[source_keys[g.reads[0].key]].dtype
+        outputs += [(w.key, dtype or src_dtype, w.shape) for w in g.writes]
+    return Plan(spec, config, dst_format, groups, source_keys, outputs)

@@ -1,0 +1,70 @@
+"""Load any checkpoint rosetool reads into the runtime's Transformer (converted in memory)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..converters.api import load_state
+from ..converters.sources import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from .model import ModelArgs, Transformer
+
+
+@dataclass
+class LoadedInfo:
+    path: Path
+    format: str
+    architecture: str
+    tokenizer: Any = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def load_tokenizer(path: Path) -> Any:
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:   # a tokenizer is a convenience here: token ids still work without one
+        return None
+
+
+def eos_ids(ckpt: Checkpoint) -> list[int]:
+    gen = ckpt.path / "generation_config.json"
+    if gen.exists():
+        ids = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        if ids:
+            return ids
+    return _ids(ckpt.config.get("eos_token_id"))
+
+
+def build_model(ckpt: Checkpoint, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                device: str | torch.device) -> Transformer:
+    args = ModelArgs.from_dict(ckpt.config)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    dtype = dtype or next(iter(state.values())).dtype
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> tuple[Transformer, LoadedInfo]:
+    ckpt = open_checkpoint(path_or_id)
+    ckpt, state = load_state(ckpt, "native")
+    model = build_model(ckpt, state, dtype, device)
+    info = LoadedInfo(ckpt.path, ckpt.format, ckpt.spec.name, load_tokenizer(ckpt.path), eos_ids(ckpt))
+    return model, info

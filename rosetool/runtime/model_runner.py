@@ -1,0 +1,133 @@
+"""Runs one scheduled batch: flat tensors in, sampled tokens out; owns the paged KV cache.
+
+The model sees every step as a single row (B=1, T=all scheduled tokens) with explicit positions;
+`PagedAttention` uses the step's `AttentionContext` to route each token's K/V into its slot and to
+find its sequence's earlier K/V through the block table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from rosetool.runtime.attention import AttentionContext, PagedAttention
+from rosetool.runtime.config import EngineConfig
+from rosetool.runtime.scheduler import ScheduledBatch
+from rosetool.runtime.sampler import sample
+from rosetool.runtime.triton_kernels import triton_available
+
+log = logging.getLogger(__name__)
+
+CPU_KV_BUDGET_BYTES = 4 << 30
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig):
+        self.model, self.config = model, config
+        self.args = model.args
+        self.device = config.device
+        self.block_size = config.block_size
+        self.dtype = next(model.parameters()).dtype
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
+        shape = (self.args.num_layers, self.num_kv_blocks, self.block_size,
+                 self.args.num_kv_heads, self.args.head_dim)
+        k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        use_triton = self.device.type == "cuda" and triton_available()
+        self.attention = PagedAttention(k_cache, torch.zeros_like(k_cache), self.args.head_dim ** -0.5,
+                                        self.args.sliding_window, use_triton)
+        self.max_model_len = min(self._model_len_limit(), self.num_kv_blocks * self.block_size)
+        self.graphs = None
+        if use_triton and not config.enforce_eager:
+            self.graphs = self._capture_graphs()
+
+    def _model_len_limit(self) -> int:
+        return self.config.max_model_len or self.args.max_position_embeddings
+
+    def _block_bytes(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _default_num_blocks(self) -> int:
+        one_seq = self._blocks_for(self._model_len_limit())
+        if self.device.type == "cuda":
+            return max(one_seq, self._cuda_free_blocks())
+        all_seqs = self._blocks_for(self.config.max_num_seqs * self._model_len_limit())
+        return min(all_seqs, max(one_seq, CPU_KV_BUDGET_BYTES // self._block_bytes()))
+
+    @torch.inference_mode()
+    def _cuda_free_blocks(self) -> int:
+        """Blocks that fit in `gpu_memory_utilization` of free memory, after the activation peak of
+        a full prefill step (measured with a dummy eager forward)."""
+        tokens = min(self.config.max_num_batched_tokens, self._model_len_limit())
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        dummy = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
+        self.model.logits(self.model.forward_hidden(dummy)[0, -self.config.max_num_seqs:])
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int((free * self.config.gpu_memory_utilization - peak) // self._block_bytes())
+
+    def _capture_graphs(self):
+        from rosetool.runtime.cuda_graphs import DecodeGraphs
+
+        try:
+            return DecodeGraphs(self.model, self.attention, self.config.max_num_seqs,
+                                self._blocks_for(self.max_model_len), self.device)
+        except Exception as exc:  # a model that cannot be captured still runs, eagerly
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.attention.context = None
+            return None
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float | None]]:
+        """Forward the batch; sample for sequences whose last token was fed (batch order)."""
+        input_ids, positions, ctx, logit_rows = self._prepare(batch)
+        if self.graphs is not None and ctx.is_decode:
+            hidden = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables,
+                                     ctx.context_lens)
+        else:
+            self.attention.context = ctx
+            try:
+                hidden = self.model.forward_hidden(input_ids[None], positions[None],
+                                                   attn_fn=self.attention)[0]
+            finally:
+                self.attention.context = None
+        if not logit_rows:
+            return [], []
+        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        seqs = [s for i, s in enumerate(batch.seqs) if batch.completes_prefill(i)]
+        return sample(logits, seqs)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, AttentionContext, list[int]]:
+        bs = self.block_size
+        ids, pos, slots, token_seq, token_row, context_lens, logit_rows = [], [], [], [], [], [], []
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_cached_tokens
+            ids += seq.token_ids[start: start + n]
+            pos += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            token_seq += [b] * n
+            token_row += range(n)
+            context_lens.append(start + n)
+            if batch.completes_prefill(b):
+                logit_rows.append(len(ids) - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+
+        def as_tensor(values) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        positions = as_tensor(pos)
+        ctx = AttentionContext(
+            slot_mapping=as_tensor(slots), positions=positions, token_seq=as_tensor(token_seq),
+            token_row=as_tensor(token_row), block_tables=as_tensor(tables),
+            context_lens=as_tensor(context_lens), max_query_len=max(batch.num_new_tokens),
+            is_decode=batch.is_decode)
+        return as_tensor(ids), positions, ctx, logit_rows
