@@ -152,19 +152,31 @@ def one_line_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def bench_command(*groups: list[str]) -> Callable[[Callable[[Options], None]], Callable]:
-    """Give `func(options)` a Typer signature made of the flags in `groups` (first mention wins)."""
+def bench_command(*groups: list[str]) -> Callable[[Callable[[typer.Context, Options], None]], Callable]:
+    """Give `func(ctx, options)` a Typer signature made of the flags in `groups` (first mention wins)."""
     names = list(dict.fromkeys(name for group in groups for name in group))
 
-    def decorate(func: Callable[[Options], None]) -> Callable:
+    def decorate(func: Callable[[typer.Context, Options], None]) -> Callable:
         @one_line_errors
-        def command(**kwargs) -> None:
-            func(Options(**kwargs))
+        def command(ctx: typer.Context, **kwargs) -> None:
+            func(ctx, Options(**kwargs))
 
-        params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS[n],
-                                    annotation=Annotated[_HINTS[n], FLAGS[n]]) for n in names]
+        params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS[n],
+                                     annotation=Annotated[_HINTS[n], FLAGS[n]]) for n in names]
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__name__, command.__doc__ = func.__name__, func.__doc__
         return command
     return decorate
+
+
+def flags_given(o: Options) -> list[str]:
+    """Flags whose value differs from the default: what the user actually set."""
+    return [_flag(f.name) for f in fields(Options) if getattr(o, f.name) != f.default]
+
+
+def _flag(name: str) -> str:
+    """In `Annotated` style Typer keeps the first declaration in `default`."""
+    info = FLAGS[name]
+    return str((info.param_decls or (info.default,))[0]).split("/")[0]

@@ -57,7 +57,7 @@ def header(command: str, backend: str, model_id: str, config: dict[str, Any]) ->
         "command": command,
         "backend": backend,
         "model_id": model_id,
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "environment": environment(),
     }
 
@@ -79,7 +79,7 @@ def document(head: dict[str, Any], results: list[ModeResult], detailed: bool) ->
 
 def save(doc: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(doc), indent=2) + "\n")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -94,14 +94,14 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Paths become strings, inf/nan become strings (JSON has neither), dataclasses become dicts."""
     if hasattr(value, "__dataclass_fields__"):
         value = asdict(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):

@@ -7,7 +7,6 @@ spellings) go through a named codec here. Unknown fields are reported; fields a 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -127,8 +126,8 @@ def _constants(spec: ArchSpec) -> dict[str, Any]:
 
 
 def check_supported(fmt: Format, raw: Mapping[str, Any], where: str) -> None:
-    env = defaultdict(lambda: None, raw)
     for rule in fmt.unsupported:
+        env = {name: raw.get(name) for name in expr.names(rule["when"])}   # absent fields read as null
         if expr.evaluate(rule["when"], env):
             raise RosetoolError(f"{where}: unsupported config: {rule['message']}")
 

@@ -40,7 +40,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False):
-        from rosetool.runtime.model import load_model
+        from rosetool.runtime.loader import load_model
 
         config = EngineConfig(resolve_device(device), resolve_dtype(dtype), gpu_memory_utilization,
                               max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
