@@ -1,6 +1,6 @@
 """Spec + config + source headers -> a plan: which format tensors to read, which to write, in groups.
 
-Every tensor's shape is known before any data moves (ops traced on meta tensors), so bad inputs fail
+Every tensor's shape is known before any data moves (shape arithmetic per op), so bad inputs fail
 before a byte is written and the writer can lay out its files up front. Tensors are grouped by the
 canonical tensors they share (a fused QKV read feeds three canonical tensors that feed one fused
 write), so the executor holds one group at a time and memory stays bounded.

@@ -6,6 +6,7 @@ register an opener here, so a new format adds a reader without touching the conv
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import pickle
@@ -47,14 +48,8 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.dtype.itemsize * _numel(t.shape) for t in self.tensors.values())
+        return sum(t.dtype.itemsize * math.prod(t.shape) for t in self.tensors.values())
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def resolve_source(path_or_id: str | os.PathLike) -> Path:

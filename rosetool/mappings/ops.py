@@ -1,13 +1,14 @@
 """Pure, invertible tensor ops that turn canonical tensors into one format's tensor.
 
 Each op maps a list of tensors to a list of tensors (`concat` takes many and gives one, `split` the
-reverse). `inverse` needs the shapes the op saw going forward; `Chain.trace` gets them by running the
-chain on meta tensors, so the same code plans shapes and moves data, and one spec drives both
-directions.
+reverse). `inverse` needs the shapes the op saw going forward; `Chain.trace` computes them from the
+canonical shapes before any data moves (shape arithmetic, not meta tensors, which cost seconds of
+lazy imports), so plans are checked up front and one spec drives both directions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,6 +28,12 @@ class Transpose:
     def forward(self, xs: Tensors) -> Tensors:
         return [xs[0].transpose(*self.dims)]
 
+    def shapes(self, s: Shapes) -> Shapes:
+        out = list(s[0])
+        a, b = self.dims
+        out[a], out[b] = out[b], out[a]
+        return [torch.Size(out)]
+
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         return [ys[0].transpose(*self.dims)]
 
@@ -38,6 +45,14 @@ class Concat:
 
     def forward(self, xs: Tensors) -> Tensors:
         return [torch.cat(xs, dim=self.dim)]
+
+    def shapes(self, s: Shapes) -> Shapes:
+        rest = {x[:self.dim] + x[self.dim + 1:] for x in s}
+        if len(rest) != 1:
+            raise ValueError(f"concat along dim {self.dim} of mismatched shapes {[list(x) for x in s]}")
+        out = list(s[0])
+        out[self.dim] = sum(x[self.dim] for x in s)
+        return [torch.Size(out)]
 
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         sizes = [s[self.dim] for s in in_shapes]
@@ -56,6 +71,13 @@ class Split:
             return list(torch.split(xs[0], list(self.sizes), dim=self.dim))
         return list(torch.chunk(xs[0], self.parts, dim=self.dim))
 
+    def shapes(self, s: Shapes) -> Shapes:
+        total = s[0][self.dim]
+        sizes = self.sizes or ((total // self.parts,) * self.parts if self.parts and total % self.parts == 0 else None)
+        if sizes is None or sum(sizes) != total:
+            raise ValueError(f"cannot split dim {self.dim} of size {total} into {self.sizes or self.parts}")
+        return [torch.Size(s[0][:self.dim] + (n,) + s[0][self.dim + 1:]) for n in sizes]
+
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         return [torch.cat(ys, dim=self.dim)]
 
@@ -68,6 +90,13 @@ class Reshape:
     def forward(self, xs: Tensors) -> Tensors:
         return [xs[0].reshape(self.shape)]
 
+    def shapes(self, s: Shapes) -> Shapes:
+        numel, known = math.prod(s[0]), math.prod(d for d in self.shape if d != -1)
+        out = tuple(numel // known if d == -1 else d for d in self.shape)
+        if math.prod(out) != numel or list(self.shape).count(-1) > 1:
+            raise ValueError(f"cannot reshape {list(s[0])} to {list(self.shape)}")
+        return [torch.Size(out)]
+
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         return [ys[0].reshape(in_shapes[0])]
 
@@ -79,6 +108,11 @@ class Permute:
 
     def forward(self, xs: Tensors) -> Tensors:
         return [xs[0].permute(self.dims)]
+
+    def shapes(self, s: Shapes) -> Shapes:
+        if sorted(self.dims) != list(range(len(s[0]))):
+            raise ValueError(f"permute {list(self.dims)} does not fit shape {list(s[0])}")
+        return [torch.Size(s[0][d] for d in self.dims)]
 
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         back = sorted(range(len(self.dims)), key=self.dims.__getitem__)
@@ -105,8 +139,29 @@ class Pad:
     def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
         return [ys[0].narrow(self.dim, 0, in_shapes[0][self.dim])]
 
+    def shapes(self, s: Shapes) -> Shapes:
+        if s[0][self.dim] > self.size:
+            raise ValueError(f"cannot pad dim {self.dim} of size {s[0][self.dim]} down to {self.size}")
+        return [torch.Size(s[0][:self.dim] + (self.size,) + s[0][self.dim + 1:])]
 
-Op = Transpose | Concat | Split | Reshape | Permute | Pad
+
+@dataclass(frozen=True)
+class GroupConcat:
+    """Fuse several tensors group by group along dim 0: Megatron's QKV rows are [q_g; k_g; v_g] per
+    query group g, which no single reshape/permute of [q; k; v] gives when q has more heads than k."""
+    groups: int
+
+    def forward(self, xs: Tensors) -> Tensors:
+        out = torch.cat([x.reshape(self.groups, -1, *x.shape[1:]) for x in xs], dim=1)
+        return [out.reshape(-1, *out.shape[2:])]
+
+    def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
+        y = ys[0].reshape(self.groups, -1, *ys[0].shape[1:])
+        parts = torch.split(y, [s[0] // self.groups for s in in_shapes], dim=1)
+        return [p.reshape(s) for p, s in zip(parts, in_shapes)]
+
+
+Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat
 
 
 def _ints(value: Any, env: Mapping[str, Any]) -> tuple[int, ...]:
@@ -122,6 +177,7 @@ OP_BUILDERS: dict[str, Callable[[Any, Mapping[str, Any]], Op]] = {
                                   int(evaluate(a["parts"], env)) if "parts" in a else None),
     "reshape": lambda a, env: Reshape(_ints(a, env)),
     "permute": lambda a, env: Permute(_ints(a, env)),
+    "group_concat": lambda a, env: GroupConcat(int(evaluate(a, env))),
     "pad": lambda a, env: Pad(int(evaluate(a["size"], env)), int(evaluate(a.get("dim", 0), env))),
 }
 
@@ -143,14 +199,11 @@ class Chain:
             out = op.forward(out)
         return out
 
-    def trace(self, shapes: Sequence[torch.Size], dtype: torch.dtype = torch.float32) -> list[Shapes]:
-        """Shapes entering each op, found by running the chain on meta tensors (no data, no memory)."""
-        xs = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-        seen: list[Shapes] = []
+    def trace(self, shapes: Sequence[torch.Size]) -> list[Shapes]:
+        """Shapes entering each op and leaving the last, computed without touching data."""
+        seen: list[Shapes] = [[torch.Size(s) for s in shapes]]
         for op in self.ops:
-            seen.append([x.shape for x in xs])
-            xs = op.forward(xs)
-        seen.append([x.shape for x in xs])
+            seen.append(op.shapes(seen[-1]))
         return seen
 
     def inverse(self, ys: Sequence[torch.Tensor], trace: list[Shapes]) -> Tensors:

@@ -38,6 +38,7 @@ class BlockManager:
         # Insertion-ordered dict as an O(1)-removable FIFO: the longest-free block is evicted first.
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
+        self.num_hit_blocks = 0  # statistics: blocks served from the prefix cache
 
     @property
     def num_blocks(self) -> int:
@@ -91,6 +92,7 @@ class BlockManager:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
+        self.num_hit_blocks += len(seq.block_table)
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_cached_tokens = len(seq.block_table) * self.block_size
 

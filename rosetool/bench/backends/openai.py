@@ -116,6 +116,9 @@ class OpenAIBackend:
             conn.close()
             on_done(result)
 
+    def close(self) -> None:
+        """Connections are per request and already closed; the server is not ours to stop."""
+
 
 def _read_stream(resp: http.client.HTTPResponse, result: RequestResult) -> int | None:
     """Stamp every SSE chunk that carries a choice; return `usage.completion_tokens` if sent."""

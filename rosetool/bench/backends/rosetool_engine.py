@@ -13,6 +13,7 @@ from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, Sched
 from rosetool.bench.backends.model import make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request, Vocab
+from rosetool.errors import RosetoolError
 
 
 class RosetoolBackend:
@@ -66,7 +67,7 @@ class RosetoolBackend:
         result.start = time.perf_counter()
         try:
             owner[self.llm.add_request(request.prompt, self._params(request))] = i
-        except (ValueError, RuntimeError) as err:
+        except (RosetoolError, ValueError, RuntimeError) as err:
             fail(result, err)
             on_done(result)
 

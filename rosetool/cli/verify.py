@@ -1,0 +1,39 @@
+"""`rosetool verify A B`: logit parity, exit 1 when over tolerance."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..converters.api import parse_dtype
+from ..verify import verify as run_verify
+from .output import out, print_json
+
+
+def verify(a: str = typer.Argument(..., help="First checkpoint (HF runs through transformers, others through rosetool)."),
+           b: str = typer.Argument(..., help="Second checkpoint."),
+           dtype: str = typer.Option("float32", "--dtype", help="Compute dtype for both: float32, float16, bfloat16."),
+           device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+           batch: int = typer.Option(2, "--batch", min=1, help="Sequences in the test batch."),
+           seq_len: int = typer.Option(32, "--seq-len", min=1, help="Tokens per sequence."),
+           seed: int = typer.Option(0, "--seed", help="Seed of the random token batch."),
+           atol: Optional[float] = typer.Option(None, "--atol", help="Override the dtype's tolerance on max |diff|."),
+           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Run both checkpoints on the same tokens; print max |logit diff| and greedy agreement."""
+    result = run_verify(a, b, parse_dtype(dtype), device, batch, seq_len, seed, atol)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        table = Table(title="logit parity", show_header=False)
+        for k, v in [("A", f"{result.a} ({result.runner_a})"), ("B", f"{result.b} ({result.runner_b})"),
+                     ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens, {result.dtype}"),
+                     ("max |diff|", f"{result.max_abs_diff:.3e}"), ("mean |diff|", f"{result.mean_abs_diff:.3e}"),
+                     ("tolerance", f"{result.tolerance:.3e}"),
+                     ("greedy agreement", f"{result.greedy_agreement:.1%}"),
+                     ("verdict", "[green]PASS[/]" if result.passed else "[red]FAIL[/]")]:
+            table.add_row(k, v)
+        out.print(table)
+    if not result.passed:
+        raise typer.Exit(1)
