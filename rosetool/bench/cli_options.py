@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -141,12 +142,14 @@ err_console = Console(stderr=True)
 
 
 def one_line_errors(func: Callable) -> Callable:
-    """`RosetoolError` -> `Error: ...` on stderr and exit 2, as the root CLI does."""
+    """`RosetoolError` -> `Error: ...` on stderr and exit 2, as the root CLI does (ROSETOOL_DEBUG=1: raise)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except RosetoolError as err:
+            if os.environ.get("ROSETOOL_DEBUG"):
+                raise
             err_console.print(f"Error: {err}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper

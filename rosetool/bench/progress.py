@@ -1,4 +1,4 @@
-"""Live progress on stderr, so stdout stays clean for `--json`."""
+"""Live progress on stderr, so stdout stays clean for `--json`; only on a terminal, so logs stay clean."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rosetool.bench.metrics import RequestResult
 
 
 class LiveProgress:
-    def __init__(self, enabled: bool = True):
+    def __init__(self) -> None:
         self.console = Console(stderr=True)
-        self.enabled = enabled
+        self.enabled = self.console.is_terminal
 
     @contextmanager
     def task(self, label: str, total: int) -> Iterator[Callable[[RequestResult], None]]:

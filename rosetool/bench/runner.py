@@ -60,9 +60,13 @@ def profiling(directory: Path | None, label: str) -> Iterator[None]:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     directory.mkdir(parents=True, exist_ok=True)
+    path, k = directory / f"{label}.json", 1
+    while path.exists():  # a sweep profiles one pass per value
+        k += 1
+        path = directory / f"{label}-{k}.json"
     with profile(activities=activities) as prof:
         yield
-    prof.export_chrome_trace(str(directory / f"{label}.json"))
+    prof.export_chrome_trace(str(path))
 
 
 def details(results: list[RequestResult]) -> dict[str, list]:
@@ -86,6 +90,7 @@ class Runner:
         self._first_error = ""
 
     def run(self, mode: str) -> ModeResult:
+        self._first_error = ""
         if mode == "naive":
             return self.offline(max_concurrency=1, mode="naive")
         return {"offline": self.offline, "online": self.online, "latency": self.latency}[mode]()
@@ -114,7 +119,8 @@ class Runner:
             self._pass(f"{mode} warm-up {k + 1}", requests, Schedule([0.0] * len(requests), max_concurrency))
 
     def offline(self, max_concurrency: int | None = None, mode: str = "offline") -> ModeResult:
-        limit = max_concurrency or self.settings.max_concurrency
+        """All requests at once (naive: one at a time); `--max-concurrency` belongs to online only."""
+        limit = max_concurrency
         self._warmups(mode, limit)
         runs, results = [], []
         for k in range(self.settings.runs):

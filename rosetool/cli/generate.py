@@ -38,7 +38,7 @@ def generate(
         model, prompt = str(ensure_default_model()), model
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
-    llm = LLM(model, dtype=dtype, device=device)
+    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
     llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
     while llm.has_unfinished():
         for event in llm.step():

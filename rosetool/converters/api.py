@@ -15,6 +15,7 @@ import torch
 from ..errors import RosetoolError
 from .config_map import unknown_fields, write_config
 from .execute import execute
+from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
 from .outdir import atomic_output
 from .plan import Plan, make_plan
 from .sinks import DictSink, FolderSink
@@ -85,8 +86,10 @@ def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype 
     sink = FolderSink(folder, plan.outputs, max_shard_size)
     try:
         execute(plan, ckpt, sink, dtype, on_tensor)
-    finally:
-        sink.close()
+    except BaseException:
+        sink.close(complete=False)
+        raise
+    sink.close()
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     config = CONFIG_WRITERS[plan.dst_format](ckpt, out_dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -97,21 +100,23 @@ def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype 
 
 
 # Formats whose output is not one safetensors folder (Megatron rank files) register a writer here.
-WRITERS: dict[str, Callable[..., None]] = {}
+WRITERS: dict[str, Callable[..., None]] = {f: megatron_writer() for f in MEGATRON_FORMATS}
 
 
-def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, max_shard_size: int | None = None,
-            force: bool = False, on_tensor: Callable[[int], None] | None = None,
-            on_plan: Callable[[Plan], None] | None = None, params: dict[str, Any] | None = None) -> ConvertResult:
-    """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`."""
+def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str | None = None,
+            max_shard_size: int | None = None, force: bool = False, on_tensor: Callable[[int], None] | None = None,
+            on_plan: Callable[[Plan], None] | None = None, params: dict[str, Any] | None = None,
+            writer: Callable[..., None] | None = None) -> ConvertResult:
+    """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`.
+    `writer` overrides the registered one (Megatron's, bound to a TP/PP layout)."""
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
-    ckpt = open_checkpoint(src)
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     plan = make_plan(ckpt, to, torch_dtype, params)
     if on_plan:
         on_plan(plan)
     with atomic_output(Path(dst), force, ckpt.path) as tmp:
-        writer = WRITERS.get(to, write_folder)
+        writer = writer or WRITERS.get(to, write_folder)
         writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
     nbytes = sum(torch.Size(s).numel() * d.itemsize for _, d, s in plan.outputs)
     fmt = ckpt.spec.format(ckpt.format)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from ..errors import RosetoolError
 from ..mappings import expr
 from ..mappings.spec import ArchSpec, FieldMap, Format, default_expr
+from ..runtime.model import ModelArgs
 
 # Keys every HF config may carry that never change a forward pass.
 HF_INERT = frozenset({
@@ -105,7 +106,16 @@ class _Deferred:
 
 
 def read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Format config -> canonical config; refuses unsupported settings by name."""
+    """Format config -> canonical config; refuses settings the runtime cannot run, by name."""
+    cfg = _read_config(spec, fmt, raw, where)
+    try:
+        ModelArgs.from_dict(cfg)   # the canonical config is the runtime's: what it refuses, we refuse
+    except RosetoolError as exc:
+        raise RosetoolError(f"{where}: {exc}") from None
+    return cfg
+
+
+def _read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     check_supported(fmt, raw, where)
     if fmt.config is None:
         return _resolve_defaults(spec, dict(raw), where)

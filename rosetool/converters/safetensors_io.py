@@ -118,8 +118,9 @@ class StreamWriter:
             data, pos = data[n:], pos + n
         self._pending.discard(name)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """`complete=False` on failure: just release the file, the caller is discarding it."""
         os.close(self._fd)
-        if self._pending:
+        if complete and self._pending:
             raise CheckpointError(f"{self.path}: {len(self._pending)} planned tensor(s) never written, "
                                   f"e.g. {sorted(self._pending)[0]!r}")

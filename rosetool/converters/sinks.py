@@ -54,9 +54,9 @@ class FolderSink:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self._where[key].write(key, tensor)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         for w in self._writers:
-            w.close()
+            w.close(complete)
 
 
 class DictSink(dict):

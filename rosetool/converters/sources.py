@@ -19,6 +19,7 @@ import torch
 from ..errors import CheckpointError, RosetoolError
 from ..mappings.spec import ArchSpec, get_spec, spec_for_hf
 from .config_map import read_config
+from .megatron import is_megatron, open_megatron
 from .safetensors_io import TensorInfo, read_header, read_tensor
 
 NATIVE_MARKER = "rosetool-native"
@@ -61,13 +62,14 @@ def resolve_source(path_or_id: str | os.PathLike) -> Path:
     if text.count("/") > 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text}: no such file or folder")
     from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    kwargs = dict(allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                  cache_dir=os.environ.get("HF_HUB_CACHE") or None)   # read now, not at import
     try:
-        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(text, local_files_only=True, **kwargs))
     except Exception:
         pass
     try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
+        return Path(snapshot_download(text, **kwargs))
     except Exception as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{text}: not a local folder and not in the huggingface_hub cache, and the hub "
@@ -179,6 +181,7 @@ def _is_native(folder: Path) -> bool:
 # (name, detector, opener); later issues add formats here.
 OPENERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Checkpoint]]] = [
     ("native", _is_native, open_native),
+    ("megatron", is_megatron, open_megatron),
     ("hf", lambda p: (p / "config.json").exists(), open_hf),
 ]
 

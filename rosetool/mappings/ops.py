@@ -160,6 +160,11 @@ class GroupConcat:
         parts = torch.split(y, [s[0] // self.groups for s in in_shapes], dim=1)
         return [p.reshape(s) for p, s in zip(parts, in_shapes)]
 
+    def shapes(self, s: Shapes) -> Shapes:
+        if any(x[0] % self.groups or x[1:] != s[0][1:] for x in s):
+            raise ValueError(f"group_concat of {[list(x) for x in s]} into {self.groups} groups")
+        return [torch.Size((sum(x[0] for x in s),) + tuple(s[0][1:]))]
+
 
 Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat
 

@@ -20,7 +20,7 @@ from rosetool.runtime.triton_kernels import triton_available
 
 log = logging.getLogger(__name__)
 
-CPU_KV_BUDGET_BYTES = 4 << 30
+CPU_KV_BUDGET_BYTES = 1 << 30
 
 
 class ModelRunner:

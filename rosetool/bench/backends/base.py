@@ -8,6 +8,7 @@ the runner and the metrics stay identical.
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -66,31 +67,39 @@ class Backend(Protocol):
 
 
 class Admission:
-    """Releases request indices once their arrival time has passed and a concurrency slot is free."""
+    """Releases requests once they have arrived and a client concurrency slot is free.
 
-    def __init__(self, schedule: Schedule, cap: int | None = None):
-        limits = [x for x in (schedule.max_concurrency, cap) if x]
-        self.limit = min(limits) if limits else math.inf
-        self.arrivals = schedule.arrivals
-        self.pending = deque(range(len(schedule.arrivals)))
+    Each released request comes with the moment it counts as sent: its arrival, or later the moment
+    a slot freed up. Latencies start there, so time a request then spends queued in the backend
+    (engine queue, waiting for the next `generate` batch) is part of its TTFT, as a client would see.
+    """
+
+    def __init__(self, schedule: Schedule):
         self.t0 = time.perf_counter()
+        self.arrivals = [self.t0 + a for a in schedule.arrivals]
+        self.pending = deque(range(len(schedule.arrivals)))
+        slots = schedule.max_concurrency or len(schedule.arrivals)
+        self.free = [self.t0] * slots  # a heap of the times each free slot became free
 
     @property
     def exhausted(self) -> bool:
         return not self.pending
 
-    def due(self, in_flight: int) -> list[int]:
-        now = time.perf_counter() - self.t0
-        out: list[int] = []
-        while self.pending and self.arrivals[self.pending[0]] <= now and in_flight + len(out) < self.limit:
-            out.append(self.pending.popleft())
+    def due(self, most: int | None = None) -> list[tuple[int, float]]:
+        """(index, sent time) of arrived requests that have a slot, at most `most` of them."""
+        now, out = time.perf_counter(), []
+        while self.pending and self.arrivals[self.pending[0]] <= now and self.free and len(out) < (most or math.inf):
+            i = self.pending.popleft()
+            out.append((i, max(self.arrivals[i], heapq.heappop(self.free))))
         return out
+
+    def release(self, at: float) -> None:
+        heapq.heappush(self.free, at)
 
     def wait(self) -> None:
         """Sleep until the next arrival; only called when nothing is in flight."""
         if self.pending:
-            delay = self.t0 + self.arrivals[self.pending[0]] - time.perf_counter()
-            time.sleep(max(0.0, delay))
+            time.sleep(max(0.0, self.arrivals[self.pending[0]] - time.perf_counter()))
 
 
 def fail(result: RequestResult, error: BaseException) -> None:

@@ -54,6 +54,7 @@ class HFBackend:
         self.eos = self.model.generation_config.eos_token_id
         self.pad = self._pad_id()
         self.vocab = make_vocab(self.tokenizer, self.model.config.vocab_size)
+        torch.manual_seed(cfg.seed)  # sampling is reproducible when --temperature > 0
 
     def _pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -62,18 +63,22 @@ class HFBackend:
 
     def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]:
         results = [RequestResult(prompt_len=r.prompt_len) for r in requests]
-        admission = Admission(schedule, cap=self.cfg.max_num_seqs)
+        admission = Admission(schedule)
         while not admission.exhausted:
-            batch = admission.due(0)
-            if not batch:
+            released = admission.due(most=self.cfg.max_num_seqs)
+            if not released:
                 admission.wait()
                 continue
+            batch = [i for i, _ in released]
+            for i, sent in released:
+                results[i].start = sent
             try:
                 self._generate([requests[i] for i in batch], [results[i] for i in batch])
             except (RuntimeError, ValueError) as err:
                 for i in batch:
                     fail(results[i], err)
             for i in batch:
+                admission.release(results[i].end)
                 on_done(results[i])
         return results
 
@@ -88,9 +93,6 @@ class HFBackend:
         input_ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         clock = StepClock(width, [r.output_len for r in requests], self.device)
-        start = time.perf_counter()
-        for result in results:
-            result.start = start
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self._gen_kwargs(requests, clock))
         for row, request, result in zip(out[:, width:].tolist(), requests, results):

@@ -54,24 +54,27 @@ class RosetoolBackend:
         owner: dict[str, int] = {}
         admission = Admission(schedule)
         while not admission.exhausted or owner:
-            for i in admission.due(len(owner)):
-                self._submit(requests[i], results[i], i, owner, on_done)
+            for i, sent in admission.due():
+                results[i].start = sent
+                self._submit(requests[i], results[i], i, owner, admission, on_done)
             if not owner:
                 admission.wait()
                 continue
-            self._step(results, owner, on_done)
+            self._step(results, owner, admission, on_done)
         return results
 
-    def _submit(self, request: Request, result: RequestResult, i: int, owner: dict[str, int], on_done: OnDone) -> None:
+    def _submit(self, request: Request, result: RequestResult, i: int, owner: dict[str, int],
+                admission: Admission, on_done: OnDone) -> None:
         """A request the engine refuses (too long, bad ids) is a failed request, not a crash."""
-        result.start = time.perf_counter()
         try:
             owner[self.llm.add_request(request.prompt, self._params(request))] = i
         except (RosetoolError, ValueError, RuntimeError) as err:
             fail(result, err)
+            admission.release(result.end)
             on_done(result)
 
-    def _step(self, results: list[RequestResult], owner: dict[str, int], on_done: OnDone) -> None:
+    def _step(self, results: list[RequestResult], owner: dict[str, int], admission: Admission,
+              on_done: OnDone) -> None:
         outputs = self.llm.step()
         now = time.perf_counter()
         for out in outputs:
@@ -83,6 +86,7 @@ class RosetoolBackend:
             if out.finished:
                 result.end = now
                 del owner[out.request_id]
+                admission.release(now)
                 on_done(result)
 
     def close(self) -> None:

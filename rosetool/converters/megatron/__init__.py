@@ -1,0 +1,36 @@
+"""Megatron-LM checkpoints (torch and torch_dist formats): read, write and reshard without Megatron.
+
+`sources` and `api` register the entry points below; the modules behind them are imported lazily
+because they build on `sources` themselves.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .layout import Layout, is_megatron
+
+if TYPE_CHECKING:
+    from ..sources import Checkpoint
+
+FORMATS = ("megatron", "megatron_te", "megatron_legacy")
+
+
+def open_megatron(path: Path, vocab_size: int | None = None) -> "Checkpoint":
+    from .layout import is_torch_dist, iteration_dir
+    if is_torch_dist(iteration_dir(path)[0]):
+        from .dist import open_megatron_dist
+        return open_megatron_dist(path, vocab_size)
+    from .reader import open_megatron_torch
+    return open_megatron_torch(path, vocab_size)
+
+
+def make_writer(layout: Layout = Layout(), **kwargs: Any) -> Callable[..., None]:
+    """An `api.WRITERS` entry; TP=1, PP=1 unless the Megatron CLI asks otherwise."""
+    from .writer import write_megatron
+    return partial(write_megatron, layout=layout, **kwargs)
+
+
+__all__ = ["FORMATS", "Layout", "is_megatron", "open_megatron", "make_writer"]

@@ -1,0 +1,75 @@
+"""Key spellings: nested legacy state dicts, older names, stage-local vs global layer numbers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import torch
+
+_LAYER = re.compile(r"(\.layers\.)(\d+)(\.)")
+# Older legacy spellings -> checkpoint_version 3.0 spellings (applied to `language_model.*` keys only).
+_LEGACY_ALIASES = [
+    (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
+    (re.compile(r"(\.layers\.\d+)\.attention\."), r"\1.self_attention."),
+    (re.compile(r"\.input_layernorm\."), ".input_norm."),
+    (re.compile(r"\.post_attention_layernorm\."), ".post_attention_norm."),
+    (re.compile(r"\.final_layernorm\."), ".final_norm."),
+]
+FORMAT_MARKERS = [("language_model.", "megatron_legacy"), (".linear_qkv.layer_norm_weight", "megatron_te")]
+
+
+def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested dicts (the legacy model) -> dotted keys; tensors and other leaves as they are."""
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield from flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], state
+
+
+def tensors_of(state: Any) -> dict[str, torch.Tensor]:
+    """Model tensors under today's spellings; `_extra_state` (None or TE's FP8 metadata) is dropped."""
+    out = {}
+    for key, value in flatten(state):
+        if isinstance(value, torch.Tensor) and not key.endswith("._extra_state"):
+            out[normalize(key)] = value
+    return out
+
+
+def normalize(key: str) -> str:
+    if not key.startswith("language_model."):
+        return key
+    for pattern, repl in _LEGACY_ALIASES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def detect_format(keys: list[str]) -> str:
+    for marker, name in FORMAT_MARKERS:
+        if any(marker in k for k in keys):
+            return name
+    return "megatron"
+
+
+def layer_of(key: str) -> int | None:
+    m = _LAYER.search(key)
+    return int(m.group(2)) if m else None
+
+
+def renumber(key: str, offset: int) -> str:
+    return _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", key, count=1)
+
+
+def nest_legacy(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat legacy keys -> the nesting Megatron's legacy modules save and load: language_model ->
+    embedding -> word_embeddings -> weight, but encoder -> 'layers.0.input_norm.weight' (flat)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        depth = {"embedding": 3, "encoder": 2, "output_layer": 2}.get(parts[1], 1) if len(parts) > 2 else 1
+        node = out
+        for p in parts[:depth]:
+            node = node.setdefault(p, {})
+        node[".".join(parts[depth:])] = value
+    return out

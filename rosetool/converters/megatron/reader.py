@@ -1,0 +1,134 @@
+"""Open a Megatron torch-format checkpoint as one *global* checkpoint.
+
+Every TP shard of a tensor is checked against the shape the spec plans for it, so a missing rank or a
+shard that does not fit the declared TP fails at open, naming the rank file and tensor. Reading a key
+merges its shards (per the entry's `tp:` rule) from memory-mapped rank files, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import CheckpointError
+from ..config_map import read_config
+from ..plan import expand_format, format_env
+from ..sources import Checkpoint
+from . import keys as K
+from .args import config_from_args, spec_for_args, summary
+from .layout import Layout, first_rank_file, iteration_dir, rank_files
+from .tp import TPRule, parse_rule
+from .unpickler import load_rank_file
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """A global tensor as `plan` sees it, plus where its shards live."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    stage: int
+    local: str
+    rule: TPRule
+
+
+def _model_state(blob: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    if "model" not in blob:
+        extra = "virtual pipeline stages (model0, model1, ...) are not supported" if "model0" in blob else \
+            "no 'model' entry"
+        raise CheckpointError(f"{path}: {extra}")
+    return K.tensors_of(blob["model"])
+
+
+def _global_keys(stages: list[dict[str, torch.Tensor]]) -> dict[str, tuple[int, str]]:
+    """Global key -> (stage, local key); stages number their layers from 0, in order."""
+    out, offset = {}, 0
+    for s, state in enumerate(stages):
+        layers = {K.layer_of(k) for k in state} - {None}
+        for k in state:
+            out.setdefault(K.renumber(k, offset), (s, k))
+        offset += max(layers) + 1 if layers else 0
+    return out
+
+
+def _legacy_qkv(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor:
+    """checkpoint_version < 2.0 ordered QKV rows per TP partition as [3, heads, d] (0) or [heads, d, 3] (1.0)."""
+    rest = t.shape[1:]
+    heads = t.shape[0] // (3 * head_dim)
+    if version < 1.0:
+        return t.view(3, heads, head_dim, *rest).transpose(0, 1).reshape(t.shape)
+    return t.view(heads, head_dim, 3, *rest).transpose(1, 2).reshape(t.shape)
+
+
+@dataclass
+class _Shards:
+    files: dict[tuple[int, int], Path]
+    states: dict[tuple[int, int], dict[str, torch.Tensor]]
+    layout: Layout
+    version: float
+    head_dim: int
+
+    def get(self, meta: ShardedTensor) -> torch.Tensor:
+        shards = [self.states[(t, meta.stage)][meta.local] for t in range(self.layout.tp)]
+        if self.version < 2.0 and ".query_key_value." in meta.name:
+            shards = [_legacy_qkv(s, self.version, self.head_dim) for s in shards]
+        return meta.rule.merge(shards)
+
+    def check(self, meta: ShardedTensor, shard_shape: tuple[int, ...]) -> None:
+        for t in range(self.layout.tp):
+            state, path = self.states[(t, meta.stage)], self.files[(t, meta.stage)]
+            if meta.local not in state:
+                raise CheckpointError(f"{path}: tensor {meta.local!r} is missing (TP rank 0 has it)")
+            got = tuple(state[meta.local].shape)
+            if got != shard_shape:
+                raise CheckpointError(f"{path}: tensor {meta.local!r} has shape {list(got)}, expected "
+                                      f"{list(shard_shape)} (global {list(meta.shape)} split for TP={self.layout.tp})")
+
+
+def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint:
+    folder, iteration = iteration_dir(root)
+    first = load_rank_file(first_rank_file(folder))
+    args = first.get("args")
+    if args is None:
+        raise CheckpointError(f"{first_rank_file(folder)}: no 'args' saved; rosetool needs them for the model shape")
+    layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1))
+    files = rank_files(folder, layout)
+    states = {r: _model_state(load_rank_file(f) if r != (0, 0) else first, f) for r, f in files.items()}
+    stages = [states[(0, s)] for s in range(layout.pp)]
+    index = _global_keys(stages)
+    fmt_name = K.detect_format(list(index))
+    spec = spec_for_args(args, str(files[(0, 0)]))
+    fmt = spec.format(fmt_name)
+    config = read_config(spec, fmt, config_from_args(args, vocab_size), str(files[(0, 0)]))
+    params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"]),
+              "tensor_parallel": layout.tp}
+    env = format_env(fmt, config, params)
+    steps = {s.key: s for s in expand_format(spec, fmt, config, params)}
+    shards = _Shards(files, states, layout, float(first.get("checkpoint_version", 0)), config["head_dim"])
+    metas = {}
+    for key, (stage, local) in index.items():
+        tensor = states[(0, stage)][local]
+        step = steps.get(key)
+        rule = parse_rule(step.tp, env) if step else TPRule()
+        shape = step.shape if step and rule.fits(step.shape, layout.tp) else _merged_shape(tensor, rule, layout.tp)
+        meta = ShardedTensor(key, tensor.dtype, tuple(shape), files[(0, stage)], stage, local, rule)
+        shards.check(meta, rule.shard_shape(meta.shape, layout.tp))
+        metas[key] = meta
+    info = {"params": params, "iteration": iteration,
+            "megatron": {"format": "torch", "layout": fmt_name, "tp": layout.tp, "pp": layout.pp,
+                         "checkpoint_version": first.get("checkpoint_version"), "args": summary(args)},
+            "ranks": {str(f.relative_to(root)): {k: list(v.shape) for k, v in states[r].items()}
+                      for r, f in sorted(files.items(), key=lambda x: (x[0][1], x[0][0]))}}
+    raw = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return Checkpoint(root, fmt_name, spec, raw, config, metas, lambda k: shards.get(metas[k]), [], info)
+
+
+def _merged_shape(tensor: torch.Tensor, rule: TPRule, tp: int) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    if rule.dim is not None:
+        shape[rule.dim] *= tp
+    return tuple(shape)

@@ -1,0 +1,70 @@
+"""Load Megatron's `model_optim_rng.pt` without Megatron and without running foreign code.
+
+These pickles reference Megatron classes (enums in `args`, optimizer and rerun-state objects), so
+`weights_only=True` refuses them and plain unpickling imports whatever they name. This unpickler
+allows a short list of data-only globals, turns Megatron-ecosystem classes into inert stubs, and
+refuses everything else.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import CheckpointError
+
+_ALLOWED = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("argparse", "Namespace"),
+    ("torch", "Size"), ("torch", "device"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_tensor"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+}
+_STUBBED = ("megatron", "transformer_engine", "apex", "nvidia_resiliency_ext", "modelopt")
+
+
+class Stub:
+    """Stands in for a Megatron object: keeps its constructor args and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__name__} stub>"
+
+
+def _stub(module: str, name: str) -> type:
+    return type(name, (Stub,), {"__module__": module})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in _STUBBED:
+            return _stub(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+_PICKLE_MODULE = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=pickle.load,
+                                       __name__="rosetool_restricted_pickle")
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    """A rank file, memory-mapped: tensors stay on disk until a shard is actually read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PICKLE_MODULE)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused an unsafe pickle ({str(exc).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated torch file ({str(exc).splitlines()[0][:160]})") from None

@@ -1,0 +1,116 @@
+"""Write a plan's global tensors as Megatron torch-format rank files.
+
+Each (TP rank, PP stage) file is built by running only that stage's groups and keeping rank r's
+shard, so peak memory is one rank file plus one global tensor: the pickle format forces a whole rank
+file in memory, nothing more is held. The cost is reading each stage's source tensors TP times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...errors import RosetoolError
+from ...mappings.spec import expand
+from ..execute import execute
+from ..plan import Group, Plan, format_env
+from ..sources import Checkpoint
+from . import keys as K
+from .args import CHECKPOINT_VERSION, make_args
+from .layout import RANK_FILE, TRACKER, Layout
+from .tp import TPRule, parse_rule
+
+
+@dataclass
+class _RankSink:
+    """Keeps rank `rank`'s shard of each global tensor, under its stage-local key."""
+    rules: dict[str, TPRule]
+    rank: int
+    tp: int
+    local: Callable[[str], list[str]]
+    on_tensor: Callable[[int], None] | None
+    state: dict[str, Any]
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        shard = self.rules[key].split(tensor, self.tp)[self.rank].clone()
+        for name in self.local(key):
+            self.state[name] = shard
+        if self.on_tensor:    # in global bytes, so TP passes over a stage add up to one
+            self.on_tensor(tensor.numel() * tensor.element_size() // self.tp)
+
+
+@dataclass(frozen=True)
+class _Stages:
+    layers: list[range]
+
+    def of(self, key: str) -> int:
+        layer = K.layer_of(key)
+        if layer is None:
+            return 0 if "embedding" in key else len(self.layers) - 1
+        return next(s for s, r in enumerate(self.layers) if layer in r)
+
+    def local(self, key: str) -> str:
+        return K.renumber(key, -self.layers[self.of(key)].start)
+
+
+def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
+                   max_shard_size: int | None, on_tensor: Callable[[int], None] | None, *,
+                   layout: Layout = Layout(), iteration: int | str = "release") -> None:
+    cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
+    env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
+    rules = {w.key: parse_rule(w.tp, env) for g in plan.groups for w in g.writes}
+    for key, rule in rules.items():
+        rule.check(layout.tp, key)
+        shape = next(s for k, _, s in plan.outputs if k == key)
+        if not rule.fits(shape, layout.tp):
+            raise RosetoolError(f"{key}: shape {list(shape)} cannot be split over TP={layout.tp}")
+    stages = _Stages(layout.stage_layers(cfg["num_layers"]))
+    out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
+    args = make_args(ckpt.spec, cfg, layout, env["padded_vocab_size"], env["make_vocab_size_divisible_by"],
+                     out_dtype, "torch", legacy=plan.dst_format == "megatron_legacy",
+                     te=plan.dst_format == "megatron_te")
+    folder_name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    (folder / TRACKER).write_text(f"{iteration}\n")
+    for stage in range(layout.pp):
+        groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg)
+        for rank in range(layout.tp):
+            state: dict[str, Any] = {}
+            execute(replace(plan, groups=groups), ckpt, _RankSink(rules, rank, layout.tp, local, on_tensor, state), dtype)
+            state.update(_extra_state(fmt.write.get("extra_state", []), stages, stage, cfg["num_layers"]))
+            model = K.nest_legacy(state) if plan.dst_format == "megatron_legacy" else state
+            path = folder / folder_name / layout.rank_dir(rank, stage) / RANK_FILE
+            path.parent.mkdir(parents=True)
+            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                        "iteration": 0 if iteration == "release" else int(iteration), "model": model}, path)
+
+
+def _stage_groups(plan: Plan, stages: _Stages, stage: int, tied_head: str | None,
+                  cfg: dict[str, Any]) -> tuple[list[Group], Callable[[str], list[str]]]:
+    """The stage's groups, and global key -> local key(s). A tied embedding is also written as the
+    last stage's head (Megatron keeps that copy when PP > 1)."""
+    last = len(stages.layers) - 1
+    tied_copy = cfg["tie_word_embeddings"] and tied_head and last > 0 and stage == last
+    groups = [g for g in plan.groups if stages.of(g.writes[0].key) == stage or
+              (tied_copy and stages.of(g.writes[0].key) == 0 and K.layer_of(g.writes[0].key) is None)]
+
+    def local(key: str) -> list[str]:
+        if stages.of(key) == stage:
+            return [stages.local(key)]
+        return [tied_head] if "word_embeddings" in key else []
+
+    return groups, local
+
+
+def _extra_state(templates: list[str], stages: _Stages, stage: int, num_layers: int) -> dict[str, None]:
+    """`_extra_state` entries mcore modules expect (None for local layers; TE fills its own)."""
+    out = {}
+    for t in templates:
+        layers = stages.layers[stage] if "{i}" in t else [None]
+        for layer in layers:
+            key = expand(t, layer)
+            if stages.of(key) == stage:
+                out[stages.local(key) + "._extra_state"] = None
+    return out

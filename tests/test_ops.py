@@ -1,0 +1,67 @@
+"""Every op composed with its inverse is the identity, and shape tracing agrees with the data."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rosetool.mappings.ops import Chain, Concat, Pad, Permute, Reshape, Split, Transpose, build_op
+
+dims = st.integers(1, 6)
+settings.register_profile("ops", max_examples=60, deadline=None)
+settings.load_profile("ops")
+
+
+def roundtrip(chain: Chain, xs: list[torch.Tensor]) -> None:
+    trace = chain.trace([x.shape for x in xs])
+    ys = chain.forward(xs)
+    assert [y.shape for y in ys] == trace[-1]
+    back = chain.inverse(ys, trace)
+    assert len(back) == len(xs)
+    for a, b in zip(xs, back):
+        assert torch.equal(a, b)
+
+
+@given(dims, dims)
+def test_transpose(a, b):
+    roundtrip(Chain((Transpose(),)), [torch.randn(a, b)])
+
+
+@given(st.lists(dims, min_size=1, max_size=4), dims, st.integers(0, 1))
+def test_concat_of_uneven_parts(rows, width, dim):
+    xs = [torch.randn(r, width) if dim == 0 else torch.randn(width, r) for r in rows]
+    roundtrip(Chain((Concat(dim),)), xs)
+
+
+@given(st.lists(dims, min_size=1, max_size=4), dims)
+def test_split_by_sizes(sizes, width):
+    roundtrip(Chain((Split(0, tuple(sizes)),)), [torch.randn(sum(sizes), width)])
+
+
+@given(dims, dims, dims)
+def test_head_interleave_reshape_permute(groups, per_group, head_dim):
+    """The Megatron-style QKV interleave: [3, heads, d, h] <-> [heads, 3, d, h]."""
+    hidden = 8
+    q, k, v = (torch.randn(groups * per_group * head_dim, hidden) for _ in range(3))
+    chain = Chain((Concat(0), Reshape((3, groups * per_group, head_dim, hidden)), Permute((1, 0, 2, 3)),
+                   Reshape((-1, hidden))))
+    roundtrip(chain, [q, k, v])
+
+
+@given(dims, st.integers(0, 5), dims)
+def test_pad_then_trim(vocab, extra, width):
+    x = torch.randn(vocab, width)
+    chain = Chain((Pad(vocab + extra),))
+    roundtrip(chain, [x])
+    assert torch.count_nonzero(chain.forward([x])[0][vocab:]) == 0
+
+
+def test_fused_conv1d_chain_from_yaml_spelling():
+    env = {"n": 4}
+    chain = Chain((build_op({"concat": 0}, env), build_op("transpose", env), build_op({"pad": {"size": "n * 3"}}, env)))
+    roundtrip(chain, [torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)])
+
+
+def test_trace_rejects_mismatched_concat():
+    import pytest
+    with pytest.raises(ValueError, match="mismatched"):
+        Chain((Concat(0),)).trace([torch.Size([2, 3]), torch.Size([2, 4])])
