@@ -7,7 +7,6 @@ against a tolerance scaled by dtype and by the logits' own magnitude.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,7 +46,9 @@ def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forw
     path = resolve_source(path_or_id)
     if detect_format(path) == "hf":
         from transformers import AutoModelForCausalLM
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         except Exception as exc:

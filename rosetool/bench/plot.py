@@ -18,6 +18,7 @@ def throughput_latency(points: list[tuple[str, float, float]], x_label: str, y_l
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel=x_label, ylabel=y_label, title=title)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.1)  # room for the value labels
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

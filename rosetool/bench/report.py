@@ -110,6 +110,9 @@ def jsonable(value: Any) -> Any:
 
 
 def fmt(value: Any) -> str:
+    """Counts (medians of counts included) without decimals, everything else with two."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 1e6 else f"{value:,.0f}"
     return "-" if value is None else str(value)

@@ -1,8 +1,8 @@
 """The offline, naive, online and latency loops: what is run, how often, and which numbers come out.
 
-Every pass draws its workload with seed + pass index, so warm-up passes never pre-fill the prefix
-cache with the exact prompts a measured pass then sends, yet two backends given the same seed see
-the same prompts in the same pass.
+Every pass draws its workload with seed + pass number (counted across all modes of one command),
+so no pass finds its exact prompts already in the prefix cache from an earlier warm-up or mode,
+yet two backends given the same flags see the same prompts in the same pass.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ def profiling(directory: Path | None, label: str) -> Iterator[None]:
 
 def details(results: list[RequestResult]) -> dict[str, list]:
     """Per-request arrays in seconds, named like vLLM's `--save-detailed` output."""
-    done = [r for r in results if r.success]
     return {
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
@@ -80,7 +79,6 @@ def details(results: list[RequestResult]) -> dict[str, list]:
         "e2els": [r.e2el if r.success else None for r in results],
         "tpots": [r.tpot for r in results],
         "errors": [r.error for r in results],
-        "completed_requests": len(done),
     }
 
 
@@ -88,6 +86,7 @@ class Runner:
     def __init__(self, backend: Backend, spec: WorkloadSpec, settings: RunSettings, progress: LiveProgress):
         self.backend, self.spec, self.settings, self.progress = backend, spec, settings, progress
         self._first_error = ""
+        self._passes = 0
 
     def run(self, mode: str) -> ModeResult:
         self._first_error = ""
@@ -95,8 +94,9 @@ class Runner:
             return self.offline(max_concurrency=1, mode="naive")
         return {"offline": self.offline, "online": self.online, "latency": self.latency}[mode]()
 
-    def _requests(self, k: int, num_prompts: int | None = None) -> list[workload.Request]:
-        spec = replace(self.spec, seed=self.spec.seed + k, num_prompts=num_prompts or self.spec.num_prompts)
+    def _requests(self, num_prompts: int | None = None) -> list[workload.Request]:
+        spec = replace(self.spec, seed=self.spec.seed + self._passes, num_prompts=num_prompts or self.spec.num_prompts)
+        self._passes += 1
         return workload.build(spec, self.backend.vocab)
 
     def _pass(self, label: str, requests: list[workload.Request], schedule: Schedule,
@@ -115,17 +115,16 @@ class Runner:
 
     def _warmups(self, mode: str, max_concurrency: int | None, num_prompts: int | None = None) -> None:
         for k in range(self.settings.warmup):
-            requests = self._requests(k, num_prompts)
+            requests = self._requests(num_prompts)
             self._pass(f"{mode} warm-up {k + 1}", requests, Schedule([0.0] * len(requests), max_concurrency))
 
     def offline(self, max_concurrency: int | None = None, mode: str = "offline") -> ModeResult:
         """All requests at once (naive: one at a time); `--max-concurrency` belongs to online only."""
-        limit = max_concurrency
-        self._warmups(mode, limit)
+        self._warmups(mode, max_concurrency)
         runs, results = [], []
         for k in range(self.settings.runs):
-            requests = self._requests(self.settings.warmup + k)
-            results, _, duration = self._pass(f"{mode} run {k + 1}", requests, Schedule([0.0] * len(requests), limit),
+            requests = self._requests()
+            results, _, duration = self._pass(f"{mode} run {k + 1}", requests, Schedule([0.0] * len(requests), max_concurrency),
                                               profile=k == self.settings.runs - 1)
             runs.append(metrics.throughput(results, duration))
         return ModeResult(mode, metrics.aggregate(runs, THROUGHPUT_KEYS), runs, details(results), self._first_error)
@@ -133,7 +132,7 @@ class Runner:
     def online(self) -> ModeResult:
         s = self.settings
         self._warmups("online", s.max_concurrency)
-        requests = self._requests(s.warmup)
+        requests = self._requests()
         arrivals = workload.arrival_offsets(len(requests), s.request_rate, s.burstiness, self.spec.seed)
         results, _, duration = self._pass("online", requests, Schedule(arrivals, s.max_concurrency), profile=True)
         stats = metrics.serving_metrics(results, duration, s.percentiles, s.slo)
@@ -145,7 +144,7 @@ class Runner:
         self._warmups("latency", None, s.batch_size)
         runs, results = [], []
         for k in range(s.runs):
-            requests = self._requests(s.warmup + k, s.batch_size)
+            requests = self._requests(s.batch_size)
             results, start, duration = self._pass(f"latency run {k + 1}", requests,
                                                   Schedule([0.0] * len(requests)), profile=k == s.runs - 1)
             stats = metrics.latency_metrics(results, start)

@@ -28,8 +28,9 @@ AXES = {
     "request_rate": Axis("--request-rate", "online", "request_rate", float, "median_e2el_ms"),
     "batch_size": Axis("--batch-size", "latency", "batch_size", int, "latency_ms"),
 }
-TABLE_KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "mean_tpot_ms", "median_e2el_ms",
-              "prefill_ms", "decode_step_ms", "latency_ms")
+TABLE_COLUMNS = {"request_throughput": "req/s", "output_throughput": "out tok/s", "mean_ttft_ms": "mean TTFT ms",
+                 "mean_tpot_ms": "mean TPOT ms", "median_e2el_ms": "median E2EL ms", "prefill_ms": "prefill ms",
+                 "decode_step_ms": "decode step ms", "latency_ms": "latency ms"}
 
 
 def parse_values(axis: Axis, text: str) -> list[Any]:
@@ -72,11 +73,11 @@ def plot_points(name: str, axis: Axis, values: list[Any], results: list[ModeResu
 
 
 def sweep_table(name: str, values: list[Any], results: list[ModeResult]) -> Table:
-    keys = [k for k in TABLE_KEYS if k in results[0].metrics]
+    keys = [k for k in TABLE_COLUMNS if k in results[0].metrics]
     table = Table(title=f"sweep over {name}")
     table.add_column(name, justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(TABLE_COLUMNS[key], justify="right")
     for value, result in zip(values, results):
         table.add_row(str(value), *(fmt(result.metrics[k]) for k in keys))
     return table

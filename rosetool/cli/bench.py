@@ -105,10 +105,10 @@ def sweep(ctx: typer.Context, o: Options) -> None:
     values = sweep_mod.parse_values(axis, text)
     with prepared(ctx, o) as (runner, head):
         results = sweep_mod.run_sweep(runner, axis, values)
-    doc = sweep_mod.sweep_document(head, name, axis, values, results, o.save_detailed)
     points = sweep_mod.plot_points(name, axis, values, results)
     throughput_latency(points, "output tokens/s", axis.latency_key, f"{head['backend']} on {head['model_id']}", o.plot)
     err_console.print(f"plot {o.plot}")
+    doc = {**sweep_mod.sweep_document(head, name, axis, values, results, o.save_detailed), "plot": str(o.plot)}
     finish(o, doc, lambda console: console.print(sweep_mod.sweep_table(name, values, results)))
 
 

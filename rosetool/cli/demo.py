@@ -36,16 +36,25 @@ def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep th
             verdict = "PASS" if v.passed else "FAIL"
             rows.append((f"verify {b.name}", f"{verdict}: max |diff| {v.max_abs_diff:.1e}, greedy {v.greedy_agreement:.0%}",
                          f"{time.perf_counter() - t0:.1f} s"))
-        rows.append(_generate(native, prompt))
+        rows.append(_generate(hf, native, prompt))
     table = Table("step", "result", "time", title="rosetool demo (embedded GPT-2, random weights)")
     for row in rows:
         table.add_row(*row)
     out.print(table)
 
 
-def _generate(model: Path, prompt: str) -> tuple[str, str, str]:
+def _generate(hf: Path, native: Path, prompt: str, new_tokens: int = 16) -> tuple[str, str, str]:
+    """Greedy tokens from rosetool's paged runtime (native weights) against HF generate (HF weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from ..runtime import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(str(model), device="cpu")
-    result = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0]
-    return "generate (greedy)", f"{prompt!r} -> {len(result.token_ids)} tokens", f"{time.perf_counter() - t0:.1f} s"
+    llm = LLM(str(native), device="cpu")
+    ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))[0]
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = torch.tensor([ours.prompt_token_ids])
+    ref = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    same = ref[0, ids.shape[1]:].tolist() == ours.token_ids
+    return ("generate (greedy)", f"{len(ours.token_ids)} tokens, identical to HF generate: {'yes' if same else 'NO'}",
+            f"{time.perf_counter() - t0:.1f} s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RosetoolError
-from .config_map import unknown_fields, write_config
+from .config_map import transformers_major, unknown_fields, write_config
 from .execute import execute
 from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
 from .outdir import atomic_output
@@ -47,22 +46,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _hf_config(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
-    """Build the config through the installed transformers so it writes what transformers (and vLLM) read."""
-    from transformers import AutoConfig
-    spec = ckpt.spec
-    fields = write_config(spec.format("hf"), ckpt.config)
-    fields.update(spec.format("hf").write)
-    previous = logging.getLogger("transformers").level
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        cfg = AutoConfig.for_model(spec.model_type, **fields)
-    finally:
-        logging.getLogger("transformers").setLevel(previous)
-    out = cfg.to_dict()
-    out["architectures"] = [spec.architecture]
-    out["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    out.pop("torch_dtype", None)
-    return out
+    """config.json in the spelling the installed transformers (and so vLLM) reads; written directly,
+    since importing transformers to build it would cost seconds per conversion."""
+    spec, fmt = ckpt.spec, ckpt.spec.format("hf")
+    dtype_key = "dtype" if transformers_major() >= 5 else "torch_dtype"
+    return {"architectures": [spec.architecture], "model_type": spec.model_type,
+            **write_config(fmt, ckpt.config), **fmt.write,
+            dtype_key: DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))}
 
 
 def _native_config(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
@@ -136,4 +126,4 @@ def load_state(src: str | Path | Checkpoint, to: str = "native",
     plan = make_plan(ckpt, to, dtype)
     sink = DictSink()
     execute(plan, ckpt, sink, dtype)
-    return ckpt, dict(sink)
+    return ckpt, sink.tensors

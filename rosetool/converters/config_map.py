@@ -50,12 +50,33 @@ def _read_rope_scaling(raw: Mapping[str, Any]) -> dict[str, Any] | None:
     return None if kind in (None, "default") else {"rope_type": kind, **params}
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version, from package metadata (importing it costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 5
+
+
+def _write_rope_theta(theta: float) -> dict[str, Any]:
+    if transformers_major() >= 5:
+        return {"rope_parameters": {"rope_theta": theta, "rope_type": "default"}}
+    return {"rope_theta": theta}
+
+
+def _write_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
+    if not scaling:
+        return {}
+    if transformers_major() >= 5:
+        return {"rope_parameters": dict(scaling)}
+    return {"rope_scaling": dict(scaling)}
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
-                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
-                           lambda v: {"rope_theta": v}),
-    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling,
-                             lambda v: {"rope_scaling": v} if v else {}),
+                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)), _write_rope_theta),
+    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling, _write_rope_scaling),
 }
 
 
@@ -160,7 +181,8 @@ def write_config(fmt: Format, cfg: Mapping[str, Any]) -> dict[str, Any]:
     for f in fmt.config:
         value = cfg[f.canonical]
         if f.codec:
-            out.update(CODECS[f.codec].write(value))
+            for k, v in CODECS[f.codec].write(value).items():   # codecs may share a nested field
+                out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         elif f.key is not None and value is not None:
             if f.map is not None:
                 value = next(k for k, v in f.map.items() if v == value)

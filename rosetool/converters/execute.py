@@ -1,31 +1,100 @@
 """Run a plan: per group, read the source tensors, undo their ops into canonical tensors, apply the
-target's ops, hand each result to a sink. Only one group is alive at a time."""
+target's ops, hand each result to a sink. Only one group is alive at a time.
+
+When a target tensor's bytes are source bytes in order (no op, or only a dim-0 concat/split, same
+dtype), the plan knows their file ranges, and a sink that can copy ranges moves them file to file
+in the kernel (`copy_file_range`) without touching Python memory.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
-from .plan import Plan
+from ..mappings.ops import Concat
+from .plan import Group, Plan, Step
 from .sources import Checkpoint
+
+_TRIM_EVERY = 256 << 20
 
 
 class Sink(Protocol):
     def write(self, key: str, tensor: torch.Tensor) -> None: ...
 
 
+ByteRange = tuple[Path, int, int]   # file, offset, length
+
+
+def _canonical_ranges(group: Group, plan: Plan, ckpt: Checkpoint) -> dict[str, ByteRange]:
+    """Canonical tensors that are one contiguous byte range of a source file."""
+    out: dict[str, ByteRange] = {}
+    for step in group.reads:
+        meta = ckpt.tensors[plan.source_keys[step.key]]
+        start = getattr(meta, "start", None)
+        if start is None or step.chain.ops not in ((), (Concat(0),)):
+            continue
+        for name, shape in zip(step.sources, step.trace[0]):
+            length = math.prod(shape) * meta.dtype.itemsize
+            out[name] = (meta.file, start, length)
+            start += length
+    return out
+
+
+def _write_ranges(step: Step, ranges: dict[str, ByteRange], dtype_ok: bool) -> list[ByteRange] | None:
+    if dtype_ok and step.chain.ops in ((), (Concat(0),)) and all(s in ranges for s in step.sources):
+        return [ranges[s] for s in step.sources]
+    return None
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc keeps freed tensor buffers below its (growing) mmap threshold; hand them back so RSS
+    tracks the live group rather than the allocator's history."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    return (lambda: trim(0)) if trim else (lambda: None)
+
+
+release_freed_memory = _malloc_trim()
+
+
 def execute(plan: Plan, ckpt: Checkpoint, sink: Sink, dtype: torch.dtype | None = None,
             on_tensor: Callable[[int], None] | None = None) -> None:
+    since_trim = 0
+    can_copy = hasattr(sink, "copy")
     for group in plan.groups:
+        ranges = _canonical_ranges(group, plan, ckpt) if can_copy else {}
+        src_dtype = ckpt.tensors[plan.source_keys[group.reads[0].key]].dtype
+        slow = []
+        for step in group.writes:
+            byte_ranges = _write_ranges(step, ranges, dtype in (None, src_dtype))
+            if byte_ranges is None:
+                slow.append(step)
+                continue
+            sink.copy(step.key, byte_ranges)
+            if on_tensor:
+                on_tensor(sum(r[2] for r in byte_ranges))
+        needed = {s for step in slow for s in step.sources}
         canonical: dict[str, torch.Tensor] = {}
         for step in group.reads:
-            tensor = ckpt.read(plan.source_keys[step.key])
-            canonical.update(zip(step.sources, step.chain.inverse([tensor], step.trace)))
-        for step in group.writes:
+            if needed.intersection(step.sources):
+                tensor = ckpt.read(plan.source_keys[step.key])
+                canonical.update(zip(step.sources, step.chain.inverse([tensor], step.trace)))
+        for step in slow:
             (out,) = step.chain.forward([canonical[s] for s in step.sources])
             if dtype is not None:
                 out = out.to(dtype)
             sink.write(step.key, out)
+            nbytes = out.numel() * out.element_size()
+            since_trim += nbytes
             if on_tensor:
-                on_tensor(out.numel() * out.element_size())
+                on_tensor(nbytes)
+        del canonical
+        if since_trim > _TRIM_EVERY:
+            release_freed_memory()
+            since_trim = 0

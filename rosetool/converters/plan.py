@@ -51,10 +51,12 @@ class Plan:
 
 
 def format_env(fmt: Format, config: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    env = dict(config)
+    """Config + format params; a given param replaces the spec's before later params use it
+    (Megatron's padded vocabulary depends on the TP size given)."""
+    env, given = dict(config), dict(params or {})
     for k, v in fmt.params.items():
-        env[k] = expr.evaluate(v, env)
-    env.update(params or {})
+        env[k] = given[k] if k in given else expr.evaluate(v, env)
+    env.update(given)
     return env
 
 

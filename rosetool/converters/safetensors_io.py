@@ -73,15 +73,25 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    buf = bytearray(info.nbytes)
-    if buf:
+    out = torch.empty(info.shape, dtype=info.dtype)   # not zero-filled: readinto overwrites it all
+    if info.nbytes:
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.start)
-            got = f.readinto(memoryview(buf))
+            got = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
         if got != info.nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
-    return torch.empty(info.shape, dtype=info.dtype)
+    return out
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_pos: int, dst_pos: int, length: int) -> None:
+    while length > 0:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length, src_pos, dst_pos)
+        except OSError:   # filesystems without copy_file_range (or across devices on old kernels)
+            n = os.pwrite(dst_fd, os.pread(src_fd, min(length, 64 << 20), src_pos), dst_pos)
+        if n == 0:
+            raise CheckpointError(f"source ended while copying {length} more bytes")
+        src_pos, dst_pos, length = src_pos + n, dst_pos + n, length - n
 
 
 class StreamWriter:
@@ -116,6 +126,18 @@ class StreamWriter:
         while data:
             n = os.pwrite(self._fd, data, pos)
             data, pos = data[n:], pos + n
+        self._pending.discard(name)
+
+    def copy(self, name: str, ranges: list[tuple[Path, int, int]]) -> None:
+        """Fill a tensor from byte ranges of other files, in the kernel (no Python buffers)."""
+        dtype, shape, offset = self._slots[name]
+        if sum(r[2] for r in ranges) != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: byte ranges for {name!r} do not fill its planned shape {shape}")
+        pos = self._base + offset
+        for path, start, length in ranges:
+            with open(path, "rb", buffering=0) as src:
+                _copy_range(src.fileno(), self._fd, start, pos, length)
+            pos += length
         self._pending.discard(name)
 
     def close(self, complete: bool = True) -> None:

@@ -54,13 +54,19 @@ class FolderSink:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self._where[key].write(key, tensor)
 
+    def copy(self, key: str, ranges: list[tuple[Path, int, int]]) -> None:
+        self._where[key].copy(key, ranges)
+
     def close(self, complete: bool = True) -> None:
         for w in self._writers:
             w.close(complete)
 
 
-class DictSink(dict):
+class DictSink:
     """Collects tensors in memory (loading a model straight from another format)."""
 
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        self[key] = tensor.contiguous()
+        self.tensors[key] = tensor.contiguous()

@@ -22,6 +22,7 @@ from . import expr
 from .ops import OP_BUILDERS
 
 LAYER = "{i}"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: specs load in ms
 _TOP_KEYS = {"name", "description", "architecture", "model_type", "config", "tensors", "formats", "variants"}
 _FORMAT_KEYS = {"config", "tensors", "ignore", "inert", "unsupported", "params", "key_prefixes", "write"}
 _ENTRY_KEYS = {"from", "ops", "when", "tp"}
@@ -226,7 +227,7 @@ def _unshield(node: Any) -> Any:
 def parse_spec(text: str, file: str) -> list[ArchSpec]:
     chk = _Checker(file)
     try:
-        raw = _unshield(yaml.safe_load(text.replace(LAYER, _SHIELD)))
+        raw = _unshield(yaml.load(text.replace(LAYER, _SHIELD), Loader=_LOADER))
     except yaml.YAMLError as exc:
         raise SpecError(f"{file}: not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(raw, dict) or "name" not in raw:

@@ -197,9 +197,12 @@ class Transformer(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self._eager = eager_attention(args)
+        self._inv_freq: torch.Tensor | None = None   # cached per device: no host copy inside a CUDA graph
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * rope_inv_freq(self.args).to(positions.device)
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.args).to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

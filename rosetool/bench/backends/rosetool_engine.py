@@ -53,14 +53,18 @@ class RosetoolBackend:
         results = [RequestResult(prompt_len=r.prompt_len) for r in requests]
         owner: dict[str, int] = {}
         admission = Admission(schedule)
-        while not admission.exhausted or owner:
-            for i, sent in admission.due():
-                results[i].start = sent
-                self._submit(requests[i], results[i], i, owner, admission, on_done)
-            if not owner:
-                admission.wait()
-                continue
-            self._step(results, owner, admission, on_done)
+        try:
+            while not admission.exhausted or owner:
+                for i, sent in admission.due():
+                    results[i].start = sent
+                    self._submit(requests[i], results[i], i, owner, admission, on_done)
+                if not owner:
+                    admission.wait()
+                    continue
+                self._step(results, owner, admission, on_done)
+        finally:  # interrupted: leave the engine empty for whoever uses it next
+            for request_id in owner:
+                self.llm.abort(request_id)
         return results
 
     def _submit(self, request: Request, result: RequestResult, i: int, owner: dict[str, int],
@@ -90,5 +94,4 @@ class RosetoolBackend:
                 on_done(result)
 
     def close(self) -> None:
-        while self.llm.has_unfinished():
-            self.llm.step()
+        """Nothing to release: `run` never leaves requests in the engine, and memory goes with `llm`."""

@@ -7,6 +7,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .unpickler import LazyTensor
+
 _LAYER = re.compile(r"(\.layers\.)(\d+)(\.)")
 # Older legacy spellings -> checkpoint_version 3.0 spellings (applied to `language_model.*` keys only).
 _LEGACY_ALIASES = [
@@ -28,11 +30,11 @@ def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix[:-1], state
 
 
-def tensors_of(state: Any) -> dict[str, torch.Tensor]:
+def tensors_of(state: Any) -> dict[str, torch.Tensor | LazyTensor]:
     """Model tensors under today's spellings; `_extra_state` (None or TE's FP8 metadata) is dropped."""
     out = {}
     for key, value in flatten(state):
-        if isinstance(value, torch.Tensor) and not key.endswith("._extra_state"):
+        if isinstance(value, (torch.Tensor, LazyTensor)) and not key.endswith("._extra_state"):
             out[normalize(key)] = value
     return out
 

@@ -21,7 +21,7 @@ from . import keys as K
 from .args import config_from_args, spec_for_args, summary
 from .layout import Layout, first_rank_file, iteration_dir, rank_files
 from .tp import TPRule, parse_rule
-from .unpickler import load_rank_file
+from .unpickler import LazyTensor, index_rank_file
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ShardedTensor:
     rule: TPRule
 
 
-def _model_state(blob: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+def _model_state(blob: dict[str, Any], path: Path) -> dict[str, LazyTensor]:
     if "model" not in blob:
         extra = "virtual pipeline stages (model0, model1, ...) are not supported" if "model0" in blob else \
             "no 'model' entry"
@@ -44,7 +44,7 @@ def _model_state(blob: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     return K.tensors_of(blob["model"])
 
 
-def _global_keys(stages: list[dict[str, torch.Tensor]]) -> dict[str, tuple[int, str]]:
+def _global_keys(stages: list[dict[str, LazyTensor]]) -> dict[str, tuple[int, str]]:
     """Global key -> (stage, local key); stages number their layers from 0, in order."""
     out, offset = {}, 0
     for s, state in enumerate(stages):
@@ -67,13 +67,13 @@ def _legacy_qkv(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor:
 @dataclass
 class _Shards:
     files: dict[tuple[int, int], Path]
-    states: dict[tuple[int, int], dict[str, torch.Tensor]]
+    states: dict[tuple[int, int], dict[str, LazyTensor]]
     layout: Layout
     version: float
     head_dim: int
 
     def get(self, meta: ShardedTensor) -> torch.Tensor:
-        shards = [self.states[(t, meta.stage)][meta.local] for t in range(self.layout.tp)]
+        shards = [self.states[(t, meta.stage)][meta.local].load() for t in range(self.layout.tp)]
         if self.version < 2.0 and ".query_key_value." in meta.name:
             shards = [_legacy_qkv(s, self.version, self.head_dim) for s in shards]
         return meta.rule.merge(shards)
@@ -91,13 +91,13 @@ class _Shards:
 
 def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint:
     folder, iteration = iteration_dir(root)
-    first = load_rank_file(first_rank_file(folder))
+    first = index_rank_file(first_rank_file(folder))
     args = first.get("args")
     if args is None:
         raise CheckpointError(f"{first_rank_file(folder)}: no 'args' saved; rosetool needs them for the model shape")
     layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1))
     files = rank_files(folder, layout)
-    states = {r: _model_state(load_rank_file(f) if r != (0, 0) else first, f) for r, f in files.items()}
+    states = {r: _model_state(index_rank_file(f) if r != (0, 0) else first, f) for r, f in files.items()}
     stages = [states[(0, s)] for s in range(layout.pp)]
     index = _global_keys(stages)
     fmt_name = K.detect_format(list(index))
@@ -127,7 +127,7 @@ def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint
     return Checkpoint(root, fmt_name, spec, raw, config, metas, lambda k: shards.get(metas[k]), [], info)
 
 
-def _merged_shape(tensor: torch.Tensor, rule: TPRule, tp: int) -> tuple[int, ...]:
+def _merged_shape(tensor: LazyTensor, rule: TPRule, tp: int) -> tuple[int, ...]:
     shape = list(tensor.shape)
     if rule.dim is not None:
         shape[rule.dim] *= tp

@@ -8,12 +8,15 @@ refuses everything else.
 
 from __future__ import annotations
 
+import io
 import pickle
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.serialization import StorageType
 
 from ...errors import CheckpointError
 
@@ -21,7 +24,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"), ("collections", "defaultdict"), ("argparse", "Namespace"),
     ("torch", "Size"), ("torch", "device"), ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_tensor"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("_io", "BytesIO"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
 }
@@ -61,10 +64,70 @@ _PICKLE_MODULE = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=pickl
 
 
 def load_rank_file(path: Path) -> dict[str, Any]:
-    """A rank file, memory-mapped: tensors stay on disk until a shard is actually read."""
+    """A rank file with its tensors memory-mapped (for callers that want real tensors)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PICKLE_MODULE)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused an unsafe pickle ({str(exc).splitlines()[0][:200]})") from None
     except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated torch file ({str(exc).splitlines()[0][:160]})") from None
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of a rank file that is not read yet: where its bytes are and how to view them.
+
+    Reading record by record (no mmap) keeps resident memory at the tensors in use; a mapped file
+    would count every page a conversion ever touched."""
+    file: Path
+    record: str
+    dtype: torch.dtype
+    nbytes: int
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def load(self) -> torch.Tensor:
+        reader = torch._C.PyTorchFileReader(str(self.file))
+        storage = reader.get_storage_from_record(f"data/{self.record}", self.nbytes, torch.uint8).untyped_storage()
+        return torch.empty(0, dtype=self.dtype).set_(storage, self.offset, self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class _Storage:
+    record: str
+    dtype: torch.dtype
+    nbytes: int
+
+
+class _LazyUnpickler(RestrictedUnpickler):
+    def __init__(self, data: io.BytesIO, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name.endswith("Storage"):
+            return StorageType(name)
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *_: data
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        _, storage_type, key, _, numel = pid
+        return _Storage(str(key), storage_type.dtype, numel * storage_type.dtype.itemsize)
+
+    def _tensor(self, storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> LazyTensor:
+        return LazyTensor(self.path, storage.record, storage.dtype, storage.nbytes, offset, tuple(size), tuple(stride))
+
+
+def index_rank_file(path: Path) -> dict[str, Any]:
+    """A rank file's contents with every tensor left on disk as a `LazyTensor`."""
+    try:
+        data = io.BytesIO(torch._C.PyTorchFileReader(str(path)).get_record("data.pkl"))
+        return _LazyUnpickler(data, path).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused an unsafe pickle ({str(exc).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated torch file ({str(exc).splitlines()[0][:160]})") from None

@@ -74,17 +74,20 @@ def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtyp
                      te=plan.dst_format == "megatron_te")
     folder_name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     (folder / TRACKER).write_text(f"{iteration}\n")
+    header = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+              "iteration": 0 if iteration == "release" else int(iteration)}
     for stage in range(layout.pp):
         groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg)
+        stage_plan = replace(plan, groups=groups)
+        extra = _extra_state(fmt.write.get("extra_state", []), stages, stage)
         for rank in range(layout.tp):
-            state: dict[str, Any] = {}
-            execute(replace(plan, groups=groups), ckpt, _RankSink(rules, rank, layout.tp, local, on_tensor, state), dtype)
-            state.update(_extra_state(fmt.write.get("extra_state", []), stages, stage, cfg["num_layers"]))
-            model = K.nest_legacy(state) if plan.dst_format == "megatron_legacy" else state
+            sink = _RankSink(rules, rank, layout.tp, local, on_tensor, dict(extra))
+            execute(stage_plan, ckpt, sink, dtype)
+            model = K.nest_legacy(sink.state) if plan.dst_format == "megatron_legacy" else sink.state
             path = folder / folder_name / layout.rank_dir(rank, stage) / RANK_FILE
             path.parent.mkdir(parents=True)
-            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
-                        "iteration": 0 if iteration == "release" else int(iteration), "model": model}, path)
+            torch.save({**header, "model": model}, path)
+            del sink, model     # before the next rank's shards arrive: one rank file in memory at a time
 
 
 def _stage_groups(plan: Plan, stages: _Stages, stage: int, tied_head: str | None,
@@ -104,7 +107,7 @@ def _stage_groups(plan: Plan, stages: _Stages, stage: int, tied_head: str | None
     return groups, local
 
 
-def _extra_state(templates: list[str], stages: _Stages, stage: int, num_layers: int) -> dict[str, None]:
+def _extra_state(templates: list[str], stages: _Stages, stage: int) -> dict[str, None]:
     """`_extra_state` entries mcore modules expect (None for local layers; TE fills its own)."""
     out = {}
     for t in templates:

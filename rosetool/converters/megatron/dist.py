@@ -1,0 +1,104 @@
+"""Read Megatron's torch_dist format (PyTorch distributed checkpoint) with plain torch.
+
+Tensors are stored globally, so no TP merging; homogeneous layers are stacked as
+`decoder.layers.<param>` with a leading [num_layers] dim and are presented per layer. Each read
+loads only the requested layer's slice, so memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from ...errors import CheckpointError
+from ..config_map import read_config
+from ..plan import expand_format
+from ..sources import Checkpoint
+from . import keys as K
+from .args import config_from_args, spec_for_args, summary
+from .layout import iteration_dir
+from .unpickler import load_rank_file
+
+_STACKED = re.compile(r"^(.*\blayers)\.([a-z_].*)$")
+
+
+@dataclass(frozen=True)
+class DistTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    fqn: str                 # key in the checkpoint
+    layer: int | None        # index into the stacked leading dim
+
+
+class _SlicePlanner(DefaultLoadPlanner):
+    """Reads one region of one tensor: the chunks overlapping it, nothing else."""
+
+    def __init__(self, meta: DistTensor, stored: TensorStorageMetadata):
+        super().__init__()
+        offsets = [0] * len(stored.size)
+        if meta.layer is not None:
+            offsets[0] = meta.layer
+        sizes = ([1] if meta.layer is not None else []) + list(meta.shape)
+        self._chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+        self._meta, self._stored = meta, stored
+
+    def create_local_plan(self) -> LoadPlan:
+        return LoadPlan(create_read_items_for_chunk_list(self._meta.fqn, self._stored, [self._chunk]))
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]    # the slice buffer itself; item offsets are relative to it
+
+
+def _read(folder: Path, stored: dict, meta: DistTensor) -> torch.Tensor:
+    out = torch.empty(([1] if meta.layer is not None else []) + list(meta.shape), dtype=meta.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({meta.fqn: out}, storage_reader=dcp.FileSystemReader(folder),
+                 planner=_SlicePlanner(meta, stored[meta.fqn]), no_dist=True)
+    return out[0] if meta.layer is not None else out
+
+
+def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
+    out = {}
+    for fqn, md in stored.items():
+        if not isinstance(md, TensorStorageMetadata) or "_extra_state" in fqn:
+            continue
+        m = _STACKED.match(fqn)
+        dtype = md.properties.dtype
+        if m:
+            for layer in range(md.size[0]):
+                key = f"{m.group(1)}.{layer}.{m.group(2)}"
+                out[key] = DistTensor(key, dtype, tuple(md.size[1:]), folder / ".metadata", fqn, layer)
+        else:
+            out[fqn] = DistTensor(fqn, dtype, tuple(md.size), folder / ".metadata", fqn, None)
+    return out
+
+
+def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
+    folder, iteration = iteration_dir(root)
+    common = load_rank_file(folder / "common.pt") if (folder / "common.pt").exists() else {}
+    args = common.get("args")
+    if args is None:
+        raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")
+    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    metas = _index(folder, stored)
+    fmt_name = K.detect_format(list(metas))
+    spec = spec_for_args(args, str(folder / "common.pt"))
+    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
+    params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"])}
+    expand_format(spec, spec.format(fmt_name), config, params)   # fail early if the ops do not fit
+    info = {"params": params, "iteration": iteration,
+            "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":
+                         common.get("checkpoint_version"), "args": summary(args)}}
+    return Checkpoint(root, fmt_name, spec, {}, config, metas, lambda k: _read(folder, stored, metas[k]), [], info)

@@ -1,0 +1,119 @@
+"""megatron-core's GPTModel on CPU, the reference the Megatron tests check rosetool against.
+
+megatron-core expects CUDA in a few places; on CPU it needs `torch.cuda.current_device` to name the
+CPU, the CUDA RNG tracker's `fork` to be a no-op, and an explicit boolean causal mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rosetool.converters.megatron.unpickler import load_rank_file
+
+
+def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tp, 1)
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+
+
+def _activation(args: Any):
+    if args.swiglu:
+        return F.silu
+    return (lambda x: F.gelu(x, approximate="tanh")) if args.openai_gelu else F.gelu
+
+
+def build_model(args: Any) -> torch.nn.Module:
+    """A GPTModel shaped by a checkpoint's `args` (so the test also checks the args rosetool writes)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    torch.manual_seed(1234)
+    cfg = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, use_cpu_initialization=True,
+        normalization=args.normalization, gated_linear_unit=args.swiglu, activation_func=_activation(args),
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, layernorm_epsilon=args.layernorm_epsilon,
+        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32)
+    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+    model = GPTModel(cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                     position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                     parallel_output=False)
+    return model.eval()
+
+
+def save_torch_dist(model: torch.nn.Module, args: Any, folder: Path, iteration: int) -> None:
+    """Save as Megatron-LM does with --ckpt-format torch_dist: mcore's dist_checkpointing, args in common.pt."""
+    from megatron.core import dist_checkpointing
+    torch.cuda.synchronize = lambda *a, **k: None     # called before writing; nothing to wait for on CPU
+    target = folder / f"iter_{iteration:07d}"
+    target.mkdir(parents=True)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.sharded_state_dict()}
+    dist_checkpointing.save(state, str(target))
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    n = ids.shape[1]
+    positions = torch.arange(n).expand_as(ids)
+    mask = torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1)
+    with torch.no_grad():
+        return model(ids, positions, mask, runtime_gather_output=True)
+
+
+def load_rank(path: Path) -> tuple[Any, dict[str, Any]]:
+    blob = load_rank_file(path)
+    return blob["args"], blob["model"]
+
+
+def logits_from_rank_file(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Build from the file's args, load its weights strictly, run a forward."""
+    args, state = load_rank(path)
+    model = build_model(args)
+    model.load_state_dict(state, strict=True)
+    return logits(model, ids)
+
+
+def tp_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int) -> None:
+    """One rank of a TP=world run over gloo; rank 0 saves the gathered logits."""
+    init_parallel(rank, world, world, port)
+    result = logits_from_rank_file(Path(folder) / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", ids)
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def tiny_hf(kind: str, folder: Path, tie: bool = False) -> torch.nn.Module:
+    """A random tiny HF model saved to `folder`; vocab 100 so Megatron pads it (to 128 * TP)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                           bos_token_id=0, eos_token_id=1))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=112,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                             tie_word_embeddings=tie))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def hf_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
