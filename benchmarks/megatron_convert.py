@@ -3,7 +3,8 @@
     python benchmarks/megatron_convert.py --layers 8,32 --hidden 1024 --workdir /tmp/rosetool-mbench
 
 For each depth: writes a synthetic HF Llama checkpoint (fp16 noise), then in fresh processes runs
-`convert hf-to-megatron --tp 2 --pp 2`, `convert megatron-to-hf` and `reshard --tp 1 --pp 1`, and
+`convert hf-to-megatron --tp 2 --pp 2`, `convert megatron-to-hf`, `reshard --tp 1 --pp 1` and
+`convert hf-to-megatron --format torch_dist`, and
 reports wall time (conversion only) and peak RSS (VmHWM). Peak memory should track the largest rank
 file plus one global tensor, not the model size.
 """
@@ -43,14 +44,16 @@ def largest_file(folder: Path) -> int:
 
 
 def bench(layers: int, hidden: int, work: Path) -> list[dict]:
-    hf, mg, back, merged = (work / f"{name}-{layers}" for name in ("hf", "mg", "back", "merged"))
-    for p in (hf, mg, back, merged):
+    hf, mg, back, merged, dist = (work / f"{name}-{layers}" for name in ("hf", "mg", "back", "merged", "dist"))
+    for p in (hf, mg, back, merged, dist):
         shutil.rmtree(p, ignore_errors=True)
     nbytes = write_synthetic_hf(hf, llama_config(layers, hidden, vocab_size=32000))
     rows = []
     for name, argv, out in [("hf-to-megatron tp2 pp2", ("convert", "hf-to-megatron", hf, mg, "--tp", 2, "--pp", 2), mg),
                             ("megatron-to-hf", ("convert", "megatron-to-hf", mg, back), back),
-                            ("reshard tp1 pp1", ("reshard", mg, merged), merged)]:
+                            ("reshard tp1 pp1", ("reshard", mg, merged), merged),
+                            ("hf-to-megatron torch_dist", ("convert", "hf-to-megatron", hf, dist, "--format",
+                                                           "torch_dist"), dist)]:
         seconds, peak = run(*argv)
         rows.append({"layers": layers, "model_mb": nbytes / 1e6, "step": name, "seconds": round(seconds, 2),
                      "mb_per_s": round(nbytes / seconds / 1e6), "peak_rss_mb": round(peak / 1e6),

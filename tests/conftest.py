@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # read once, when triton is first imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["COLUMNS"] = "200"   # rich tables must not wrap the names tests look for
 os.environ.setdefault("ROSETOOL_HOME", str(Path(__file__).parent / ".cache"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,26 @@ import torch.nn.functional as F
 from rosetool.converters.megatron.unpickler import load_rank_file
 
 
+def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
+    """The CUDA calls megatron-core makes on its CPU path; pass a MonkeyPatch's setattr to undo them later."""
+    from megatron.core.tensor_parallel import random
+    setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
+    setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+
+
 def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tp, 1)
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    parallel_state.initialize_model_parallel(tp, 1)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
 
 
 def _activation(args: Any):
@@ -60,12 +70,21 @@ def build_model(args: Any) -> torch.nn.Module:
 def save_torch_dist(model: torch.nn.Module, args: Any, folder: Path, iteration: int) -> None:
     """Save as Megatron-LM does with --ckpt-format torch_dist: mcore's dist_checkpointing, args in common.pt."""
     from megatron.core import dist_checkpointing
-    torch.cuda.synchronize = lambda *a, **k: None     # called before writing; nothing to wait for on CPU
     target = folder / f"iter_{iteration:07d}"
     target.mkdir(parents=True)
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.sharded_state_dict()}
     dist_checkpointing.save(state, str(target))
     (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def load_torch_dist(folder: Path) -> torch.nn.Module:
+    """Build from common.pt's args and load through megatron-core's own dist_checkpointing.load."""
+    from megatron.core import dist_checkpointing
+    model = build_model(load_rank_file(folder / "common.pt")["args"])
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))   # as Megatron-LM does
+    assert state["args"].ckpt_format == "torch_dist"    # common.pt's part comes back beside "model"
+    model.load_state_dict(state["model"], strict=True)
+    return model
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -91,25 +110,31 @@ def logits_from_rank_file(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def tp_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int) -> None:
     """One rank of a TP=world run over gloo; rank 0 saves the gathered logits."""
+    patch_for_cpu()
     init_parallel(rank, world, world, port)
     result = logits_from_rank_file(Path(folder) / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", ids)
     if rank == 0:
         torch.save(result, out)
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def tiny_hf(kind: str, folder: Path, tie: bool = False) -> torch.nn.Module:
     """A random tiny HF model saved to `folder`; vocab 100 so Megatron pads it (to 128 * TP)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers as tf
     torch.manual_seed(0)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
-                                           bos_token_id=0, eos_token_id=1))
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                                 bos_token_id=0, eos_token_id=1))
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=112,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                                             tie_word_embeddings=tie))
+        config, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                       "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[kind]
+        model = cls(config(vocab_size=100, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie))
+        if kind == "qwen2":    # random biases, so a bias put in the wrong place shows in the logits
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    torch.nn.init.normal_(proj.bias)
     model.save_pretrained(folder)
     return model.eval()
 

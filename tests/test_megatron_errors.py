@@ -6,10 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
+import megatron_ref as ref
 import pytest
 import torch
 
-import megatron_ref as ref
 from rosetool.cli.app import main
 from rosetool.converters.megatron.unpickler import load_rank_file
 
@@ -72,3 +72,13 @@ def test_unsafe_pickle_is_refused(tp2: Path, tmp_path: Path, capsys: pytest.Capt
     line = error_line(capsys)
     assert "mp_rank_00/model_optim_rng.pt: refused an unsafe pickle" in line and "system" in line
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("flags,message", [(("--tp", 4), "2 query groups cannot be split over TP=4"),
+                                           (("--pp", 3), "2 layers cannot be split evenly over PP=3")])
+def test_layouts_the_model_cannot_take(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags, message) -> None:
+    ref.tiny_hf("llama", tmp_path / "hf")
+    capsys.readouterr()
+    assert run("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", *flags) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "mg").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 
 pytest.importorskip("megatron.core", reason="CI installs megatron-core==0.16.1; these tests need it")
 
-import megatron_ref as ref  # noqa: E402
-from rosetool.cli.app import main  # noqa: E402
+import megatron_ref as ref
+
+from rosetool.cli.app import main
 
 IDS = torch.tensor([[0, 5, 17, 99, 42, 3, 64, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
 RANK0 = "release/mp_rank_00/model_optim_rng.pt"
@@ -24,11 +26,16 @@ def cli(*argv: str) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def mcore() -> None:
-    ref.init_parallel()
+def mcore() -> Iterator[None]:
+    """One gloo process of world size 1 for the module; CUDA patches undone afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        ref.patch_for_cpu(mp.setattr)
+        ref.init_parallel()
+        yield
+        ref.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "qwen3"])
 def test_hf_to_megatron_matches_transformers(tmp_path: Path, kind: str) -> None:
     hf = ref.tiny_hf(kind, tmp_path / "hf")
     cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg")
@@ -76,4 +83,12 @@ def test_tp2_shards_run_in_two_process_gloo(tmp_path: Path) -> None:
                                 nprocs=2, join=True)
     got = torch.load(out)
     assert got.shape[-1] == 256    # padded to 128 * TP
+    torch.testing.assert_close(got[..., :100], ref.hf_logits(hf, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_to_torch_dist_loads_through_megatron_core(tmp_path: Path, kind: str) -> None:
+    hf = ref.tiny_hf(kind, tmp_path / "hf")
+    cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--format", "torch_dist")
+    got = ref.logits(ref.load_torch_dist(tmp_path / "mg" / "release"), IDS)
     torch.testing.assert_close(got[..., :100], ref.hf_logits(hf, IDS), atol=1e-4, rtol=0)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import megatron_ref as ref
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import megatron_ref as ref
 from rosetool.cli.app import main
 from rosetool.converters.megatron.unpickler import load_rank_file
 
@@ -25,18 +25,18 @@ def rank_model(folder: Path, rank_dir: str = "mp_rank_00") -> dict[str, torch.Te
 
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
+    for k, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[k]), k
         else:
-            assert a[k] == b[k], k
+            assert value == b[k], k
 
 
-@pytest.mark.parametrize("kind,layout", [("gpt2", "--legacy"), ("llama", "--te-layout"), ("llama", None)])
-def test_hf_megatron_hf_is_bit_identical(tmp_path: Path, kind: str, layout: str | None) -> None:
+@pytest.mark.parametrize("kind,flags", [("gpt2", ["--legacy"]), ("llama", ["--te-layout"]), ("llama", []),
+                                        ("gpt2", ["--format", "torch_dist"])])
+def test_hf_megatron_hf_is_bit_identical(tmp_path: Path, kind: str, flags: list[str]) -> None:
     ref.tiny_hf(kind, tmp_path / "hf")
-    cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--tp", 2, "--pp", 2,
-        *([layout] if layout else []))
+    cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--tp", 2, "--pp", 2, *flags)
     cli("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "back")
     assert_same_tensors(load_file(tmp_path / "hf" / "model.safetensors"),
                         load_file(tmp_path / "back" / "model.safetensors"))
@@ -89,3 +89,19 @@ def test_old_legacy_spellings_and_qkv_orders(tmp_path: Path, version: float) -> 
     cli("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "back")
     assert_same_tensors(load_file(tmp_path / "hf" / "model.safetensors"),
                         load_file(tmp_path / "back" / "model.safetensors"))
+
+
+def test_runtime_and_inspect_read_megatron_directly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from rosetool.converters.api import load_state
+    ref.tiny_hf("llama", tmp_path / "hf")
+    cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--tp", 2, "--pp", 2)
+    _, want = load_state(tmp_path / "hf")
+    _, got = load_state(tmp_path / "mg")
+    assert_same_tensors(want, got)
+    capsys.readouterr()
+    cli("inspect", tmp_path / "mg", "--json")
+    info = json.loads(capsys.readouterr().out)["info"]
+    assert info["iteration"] == "release" and (info["megatron"]["tp"], info["megatron"]["pp"]) == (2, 2)
+    assert info["ranks"]["release/mp_rank_01_001/model_optim_rng.pt"]["output_layer.weight"] == [128, 64]   # 256 padded rows / TP 2

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..converters.api import ConvertResult, convert
 from ..converters.megatron import Layout, is_megatron, make_writer, open_megatron
+from ..converters.megatron.layout import TRACKER
+from ..converters.sinks import parse_size
 from ..converters.sources import Checkpoint, resolve_source
 from ..errors import RosetoolError
-from .convert import DtypeOpt, Dst, ForceOpt, JsonOpt, ShardOpt, Src, report
+from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, report
 from .output import byte_progress
-from ..converters.sinks import parse_size
 
 TpOpt = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the output.")
 PpOpt = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the output (layers split evenly).")
@@ -22,8 +22,8 @@ VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim t
                         "to, for checkpoints rosetool did not write (default: the one recorded, else no trim).")
 
 
-def _run(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], force: bool, as_json: bool,
-         layout: Layout | None = None, max_shard_size: Optional[str] = None, **writer_args: object) -> ConvertResult:
+def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bool, as_json: bool,
+         layout: Layout | None = None, max_shard_size: str | None = None, **writer_args: object) -> ConvertResult:
     params = {"tensor_parallel": layout.tp} if layout else None
     writer = make_writer(layout, **writer_args) if layout else None
     with byte_progress(f"converting to {to}") as (set_total, advance):
@@ -34,40 +34,42 @@ def _run(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], force:
     return result
 
 
-def _open(src: str, vocab_size: Optional[int]) -> Checkpoint:
+def _open(src: str, vocab_size: int | None) -> Checkpoint:
     path = resolve_source(src)
     if not is_megatron(path):
-        raise RosetoolError(f"{path}: not a Megatron checkpoint (no {'latest_checkpointed_iteration.txt'}, "
-                            f"mp_rank_* folders or torch_dist metadata)")
+        raise RosetoolError(f"{path}: not a Megatron checkpoint (no {TRACKER}, mp_rank_* folders or "
+                            f"torch_dist .metadata)")
     return open_megatron(path, vocab_size)
 
 
 def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt,
-                   ckpt_format: str = typer.Option("torch", "--format", help="torch (rank files); torch_dist is "
-                                                   "read but not written yet."),
+                   ckpt_format: str = typer.Option("torch", "--format", help="torch (one file per TP/PP rank) or "
+                                                   "torch_dist (global tensors; TP/PP only set vocab padding and args)."),
                    te_layout: bool = typer.Option(False, "--te-layout", help="Transformer Engine keys "
-                                                  "(norms fused into linear_qkv / linear_fc1)."),
+                                                  "(norms fused into linear_qkv / linear_fc1); torch_dist always "
+                                                  "uses them."),
                    legacy: bool = typer.Option(False, "--legacy", help="Legacy Megatron-LM model keys "
-                                               "(language_model.*)."),
-                   dtype: Optional[str] = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                                               "(language_model.*), torch format only."),
+                   dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
     """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP layout."""
-    if ckpt_format != "torch":
-        raise RosetoolError(f"--format {ckpt_format}: only 'torch' is written (torch_dist is read-only for now)")
-    if te_layout and legacy:
-        raise RosetoolError("--te-layout and --legacy exclude each other")
-    to = "megatron_te" if te_layout else "megatron_legacy" if legacy else "megatron"
-    _run(src, dst, to, dtype, force, as_json, Layout(tp, pp))
+    if ckpt_format not in ("torch", "torch_dist"):
+        raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")
+    if legacy and (te_layout or ckpt_format == "torch_dist"):
+        raise RosetoolError("--legacy is the torch-format legacy model; it excludes --te-layout and torch_dist")
+    te = te_layout or ckpt_format == "torch_dist"
+    to = "megatron_te" if te else "megatron_legacy" if legacy else "megatron"
+    _run(src, dst, to, dtype, force, as_json, Layout(tp, pp), ckpt_format=ckpt_format)
 
 
-def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: Optional[int] = VocabOpt,
-                   dtype: Optional[str] = DtypeOpt, max_shard_size: Optional[str] = ShardOpt,
+def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = VocabOpt,
+                   dtype: str | None = DtypeOpt, max_shard_size: str | None = ShardOpt,
                    force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
     """Megatron checkpoint (torch or torch_dist, any TP/PP) -> HF folder, padded vocabulary trimmed."""
     _run(_open(src, vocab_size), dst, "hf", dtype, force, as_json, max_shard_size=max_shard_size)
 
 
 def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt,
-            vocab_size: Optional[int] = VocabOpt, dtype: Optional[str] = DtypeOpt, force: bool = ForceOpt,
+            vocab_size: int | None = VocabOpt, dtype: str | None = DtypeOpt, force: bool = ForceOpt,
             as_json: bool = JsonOpt) -> None:
     """Megatron checkpoint -> the same model at another TP/PP layout (same key layout, same iteration)."""
     ckpt = _open(src, vocab_size)

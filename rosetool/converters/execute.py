@@ -35,7 +35,7 @@ def _canonical_ranges(group: Group, plan: Plan, ckpt: Checkpoint) -> dict[str, B
     out: dict[str, ByteRange] = {}
     for step in group.reads:
         meta = ckpt.tensors[plan.source_keys[step.key]]
-        start = getattr(meta, "start", None)
+        start = getattr(meta, "start", None)   # None: not raw bytes in a file (pickles, DCP)
         if start is None or step.chain.ops not in ((), (Concat(0),)):
             continue
         for name, shape in zip(step.sources, step.trace[0]):

@@ -30,12 +30,13 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where a tensor lives; byte offsets only for formats that store raw bytes (safetensors)."""
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    start: int = 0   # absolute byte offsets in `file`
-    end: int = 0
+    start: int | None = None   # absolute byte offsets in `file`
+    end: int | None = None
 
     @property
     def nbytes(self) -> int:

@@ -102,25 +102,17 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
     return out
 
 
-@dataclass(frozen=True)
-class _BinTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    file: Path
-
-
-def _torch_bin_tensors(folder: Path) -> tuple[dict[str, _BinTensor], dict[str, torch.Tensor]] | None:
+def _torch_bin_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, torch.Tensor]] | None:
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         return None
-    metas: dict[str, _BinTensor] = {}
+    metas: dict[str, TensorInfo] = {}
     data: dict[str, torch.Tensor] = {}
     for f in files:
         state = load_torch_file(f)
         for k, t in state.items():
             if isinstance(t, torch.Tensor):
-                metas[k] = _BinTensor(k, t.dtype, tuple(t.shape), f)
+                metas[k] = TensorInfo(k, t.dtype, tuple(t.shape), f)
                 data[k] = t
     return metas, data
 

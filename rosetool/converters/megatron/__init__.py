@@ -6,11 +6,12 @@ because they build on `sources` themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .layout import Layout, is_megatron
+from .layout import SINGLE, Layout, is_megatron
 
 if TYPE_CHECKING:
     from ..sources import Checkpoint
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 FORMATS = ("megatron", "megatron_te", "megatron_legacy")
 
 
-def open_megatron(path: Path, vocab_size: int | None = None) -> "Checkpoint":
+def open_megatron(path: Path, vocab_size: int | None = None) -> Checkpoint:
     from .layout import is_torch_dist, iteration_dir
     if is_torch_dist(iteration_dir(path)[0]):
         from .dist import open_megatron_dist
@@ -27,10 +28,13 @@ def open_megatron(path: Path, vocab_size: int | None = None) -> "Checkpoint":
     return open_megatron_torch(path, vocab_size)
 
 
-def make_writer(layout: Layout = Layout(), **kwargs: Any) -> Callable[..., None]:
-    """An `api.WRITERS` entry; TP=1, PP=1 unless the Megatron CLI asks otherwise."""
+def make_writer(layout: Layout = SINGLE, ckpt_format: str = "torch", **kwargs: Any) -> Callable[..., None]:
+    """An `api.WRITERS` entry; TP=1, PP=1, torch format unless the Megatron CLI asks otherwise."""
+    if ckpt_format == "torch_dist":
+        from .dist_writer import write_megatron_dist
+        return partial(write_megatron_dist, layout=layout, **kwargs)
     from .writer import write_megatron
     return partial(write_megatron, layout=layout, **kwargs)
 
 
-__all__ = ["FORMATS", "Layout", "is_megatron", "open_megatron", "make_writer"]
+__all__ = ["FORMATS", "Layout", "is_megatron", "make_writer", "open_megatron"]

@@ -8,15 +8,19 @@ read from the standard fields.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, RosetoolError
 from ...mappings.spec import ArchSpec, get_spec
 from .layout import Layout
 
 CHECKPOINT_VERSION = 3.0
+# Megatron-LM's --use-rope-scaling is Llama-3.1 scaling with these constants; only the factor is an arg.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 
 
 def spec_for_args(args: Any, where: str) -> ArchSpec:
@@ -56,6 +60,8 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
         "activation": "silu" if swiglu else "gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu",
         "glu": swiglu, "position": "rope" if rope else "learned",
         "rope_theta": float(getattr(args, "rotary_base", 10000)) if rope else None,
+        "rope_scaling": {**_LLAMA3_ROPE, "factor": float(getattr(args, "rope_scaling_factor", 8.0))}
+        if getattr(args, "use_rope_scaling", False) else None,
         "qkv_bias": bias or getattr(args, "add_qkv_bias", False), "o_bias": bias, "mlp_bias": bias,
         "qk_norm": getattr(args, "qk_layernorm", False),
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
@@ -67,6 +73,7 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
     """The fields Megatron-LM reads back with --use-checkpoint-args, plus rosetool's own."""
     rope = cfg["position"] == "rope"
     return argparse.Namespace(
+        **_rope_scaling_args(cfg.get("rope_scaling")),
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=cfg["num_heads"], num_query_groups=cfg["num_kv_heads"],
         group_query_attention=cfg["num_kv_heads"] != cfg["num_heads"], kv_channels=cfg["head_dim"],
@@ -83,6 +90,15 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         bf16=dtype == torch.bfloat16, ckpt_format=ckpt_format, use_legacy_models=legacy,
         transformer_impl="transformer_engine" if te else "local", checkpoint_version=CHECKPOINT_VERSION,
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
+
+
+def _rope_scaling_args(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not scaling:
+        return {"use_rope_scaling": False}
+    if {k: v for k, v in scaling.items() if k != "factor"} != _LLAMA3_ROPE:
+        raise RosetoolError(f"rope_scaling {dict(scaling)} has no Megatron-LM equivalent (only Llama-3.1 "
+                            f"scaling with its standard constants: --use-rope-scaling)")
+    return {"use_rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
 
 
 def summary(args: Any) -> dict[str, Any]:

@@ -29,6 +29,9 @@ class Layout:
         return [range(s * n, (s + 1) * n) for s in range(self.pp)]
 
 
+SINGLE = Layout()
+
+
 def iteration_dir(root: Path) -> tuple[Path, int | str]:
     """The folder the tracker file points at, or `root` itself when it is an iteration folder."""
     tracker = root / TRACKER

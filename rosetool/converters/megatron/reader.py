@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError
+from ...mappings.spec import ArchSpec, Format
 from ..config_map import read_config
 from ..plan import expand_format, format_env
 from ..sources import Checkpoint
@@ -98,26 +99,14 @@ def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint
     layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1))
     files = rank_files(folder, layout)
     states = {r: _model_state(index_rank_file(f) if r != (0, 0) else first, f) for r, f in files.items()}
-    stages = [states[(0, s)] for s in range(layout.pp)]
-    index = _global_keys(stages)
+    index = _global_keys([states[(0, s)] for s in range(layout.pp)])
     fmt_name = K.detect_format(list(index))
     spec = spec_for_args(args, str(files[(0, 0)]))
-    fmt = spec.format(fmt_name)
-    config = read_config(spec, fmt, config_from_args(args, vocab_size), str(files[(0, 0)]))
+    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(files[(0, 0)]))
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"]),
               "tensor_parallel": layout.tp}
-    env = format_env(fmt, config, params)
-    steps = {s.key: s for s in expand_format(spec, fmt, config, params)}
     shards = _Shards(files, states, layout, float(first.get("checkpoint_version", 0)), config["head_dim"])
-    metas = {}
-    for key, (stage, local) in index.items():
-        tensor = states[(0, stage)][local]
-        step = steps.get(key)
-        rule = parse_rule(step.tp, env) if step else TPRule()
-        shape = step.shape if step and rule.fits(step.shape, layout.tp) else _merged_shape(tensor, rule, layout.tp)
-        meta = ShardedTensor(key, tensor.dtype, tuple(shape), files[(0, stage)], stage, local, rule)
-        shards.check(meta, rule.shard_shape(meta.shape, layout.tp))
-        metas[key] = meta
+    metas = _metas(spec.format(fmt_name), spec, config, params, index, shards)
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch", "layout": fmt_name, "tp": layout.tp, "pp": layout.pp,
                          "checkpoint_version": first.get("checkpoint_version"), "args": summary(args)},
@@ -125,6 +114,24 @@ def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint
                       for r, f in sorted(files.items(), key=lambda x: (x[0][1], x[0][0]))}}
     raw = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return Checkpoint(root, fmt_name, spec, raw, config, metas, lambda k: shards.get(metas[k]), [], info)
+
+
+def _metas(fmt: Format, spec: ArchSpec, config: dict[str, Any], params: dict[str, Any],
+           index: dict[str, tuple[int, str]], shards: _Shards) -> dict[str, ShardedTensor]:
+    """Global tensors with the shape the spec plans (so `plan` checks them), every shard checked."""
+    env = format_env(fmt, config, params)
+    steps = {s.key: s for s in expand_format(spec, fmt, config, params)}
+    tp = shards.layout.tp
+    metas = {}
+    for key, (stage, local) in index.items():
+        tensor = shards.states[(0, stage)][local]
+        step = steps.get(key)
+        rule = parse_rule(step.tp, env) if step else TPRule()
+        shape = step.shape if step and rule.fits(step.shape, tp) else _merged_shape(tensor, rule, tp)
+        meta = ShardedTensor(key, tensor.dtype, tuple(shape), shards.files[(0, stage)], stage, local, rule)
+        shards.check(meta, rule.shard_shape(meta.shape, tp))
+        metas[key] = meta
+    return metas
 
 
 def _merged_shape(tensor: LazyTensor, rule: TPRule, tp: int) -> tuple[int, ...]:

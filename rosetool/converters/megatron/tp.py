@@ -5,8 +5,9 @@ The rule comes from the `tp:` value of a spec entry (vocabulary documented in sp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class TPRule:
         return self.dim is None or shape[self.dim] % (tp * self.parts) == 0
 
     def split(self, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
-        """Rank r's shard, for every r; clones, so the global tensor can be freed."""
+        """Rank r's shard, for every r (copies, except replicated tensors, which are shared)."""
         if self.dim is None:
             return [tensor] * tp
         blocks = [b.chunk(tp, self.dim) for b in tensor.chunk(self.parts, self.dim)]

@@ -7,9 +7,10 @@ file in memory, nothing more is held. The cost is reading each stage's source te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from ..plan import Group, Plan, format_env
 from ..sources import Checkpoint
 from . import keys as K
 from .args import CHECKPOINT_VERSION, make_args
-from .layout import RANK_FILE, TRACKER, Layout
+from .layout import RANK_FILE, SINGLE, TRACKER, Layout
 from .tp import TPRule, parse_rule
 
 
@@ -35,7 +36,9 @@ class _RankSink:
     state: dict[str, Any]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        shard = self.rules[key].split(tensor, self.tp)[self.rank].clone()
+        shard = self.rules[key].split(tensor, self.tp)[self.rank]
+        if shard.untyped_storage().nbytes() != shard.nbytes:    # a view: torch.save would write its whole base
+            shard = shard.clone()
         for name in self.local(key):
             self.state[name] = shard
         if self.on_tensor:    # in global bytes, so TP passes over a stage add up to one
@@ -58,7 +61,7 @@ class _Stages:
 
 def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
                    max_shard_size: int | None, on_tensor: Callable[[int], None] | None, *,
-                   layout: Layout = Layout(), iteration: int | str = "release") -> None:
+                   layout: Layout = SINGLE, iteration: int | str = "release") -> None:
     cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
     env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
     rules = {w.key: parse_rule(w.tp, env) for g in plan.groups for w in g.writes}
