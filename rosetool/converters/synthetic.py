@@ -30,8 +30,10 @@ def llama_config(n_layer: int, hidden: int, vocab_size: int = 1024) -> dict:
             "vocab_size": vocab_size, "max_position_embeddings": 4096}
 
 
-def write_synthetic_hf(folder: Path, raw_config: dict, dtype: torch.dtype = torch.float16, seed: int = 0) -> int:
-    """Write config.json + model.safetensors filled with seeded noise; returns the bytes written."""
+def write_synthetic_hf(folder: Path, raw_config: dict, dtype: torch.dtype = torch.float16, seed: int = 0,
+                       std: float = 0.02) -> int:
+    """Write config.json + model.safetensors filled with seeded noise; returns the bytes written.
+    (`std` as GPT-2's init, so a model built this way runs in fp16 without overflowing.)"""
     spec = spec_for_hf(raw_config["architectures"], raw_config["model_type"], str(folder))
     fmt = spec.format("hf")
     config = read_config(spec, fmt, raw_config, str(folder))
@@ -40,7 +42,7 @@ def write_synthetic_hf(folder: Path, raw_config: dict, dtype: torch.dtype = torc
     writer = StreamWriter(folder / "model.safetensors", [(s.key, dtype, s.shape) for s in steps])
     gen = torch.Generator().manual_seed(seed)
     for s in steps:
-        writer.write(s.key, torch.randn(s.shape, generator=gen).to(dtype))
+        writer.write(s.key, (torch.randn(s.shape, generator=gen) * std).to(dtype))
     writer.close()
     (folder / "config.json").write_text(json.dumps({**raw_config, **write_config(fmt, config)}, indent=2))
     return sum(math.prod(s.shape) * dtype.itemsize for s in steps)
