@@ -9,7 +9,7 @@ import click
 import typer
 
 from ..errors import RosetoolError
-from . import convert, demo, inspect, mappings, verify
+from . import bench, convert, demo, generate, inspect, mappings, megatron, verify
 from .output import err
 
 app = typer.Typer(help="Convert, verify, export and benchmark LLM checkpoints (HF, Megatron, native).",
@@ -20,30 +20,11 @@ app.command("export-hf")(convert.export_hf)
 app.command("inspect")(inspect.inspect)
 app.command("verify")(verify.verify)
 app.command("demo")(demo.demo)
-
-
-def _optional_commands() -> None:
-    """Commands whose modules arrive with later features; the CLI works without them."""
-    try:
-        from . import megatron
-        convert.app.command("hf-to-megatron")(megatron.hf_to_megatron)
-        convert.app.command("megatron-to-hf")(megatron.megatron_to_hf)
-        app.command("reshard")(megatron.reshard)
-    except ImportError:
-        pass
-    try:
-        from . import generate
-        app.command("generate")(generate.generate)
-    except ImportError:
-        pass
-    try:
-        from . import bench
-        app.add_typer(bench.app, name="bench")
-    except ImportError:
-        pass
-
-
-_optional_commands()
+app.command("generate")(generate.generate)
+app.command("reshard")(megatron.reshard)
+app.add_typer(bench.app, name="bench")
+convert.app.command("hf-to-megatron")(megatron.hf_to_megatron)
+convert.app.command("megatron-to-hf")(megatron.megatron_to_hf)
 
 
 def main(argv: list[str] | None = None) -> None:
