@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..converters.api import parse_dtype
+from ..dtypes import parse_dtype
 from ..verify import verify as run_verify
 from .output import out, print_json
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import RosetoolError
+from ..dtypes import DTYPE_NAMES, parse_dtype
 from .config_map import transformers_major, unknown_fields, write_config
 from .execute import execute
 from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
@@ -20,8 +20,6 @@ from .plan import Plan, make_plan
 from .sinks import DictSink, FolderSink
 from .sources import NATIVE_MARKER, Checkpoint, open_checkpoint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -35,14 +33,6 @@ class ConvertResult:
     nbytes: int
     seconds: float
     unknown_config: list[str] = field(default_factory=list)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise RosetoolError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _hf_config(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rosetool.dtypes import parse_dtype
 from rosetool.errors import RosetoolError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(slots=True)
@@ -51,8 +50,4 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise RosetoolError(f"LLM: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    return DTYPES[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)

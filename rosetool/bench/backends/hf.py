@@ -19,8 +19,8 @@ from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, Sched
 from rosetool.bench.backends.model import hf_folder, load_tokenizer, make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request
+from rosetool.dtypes import parse_dtype
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class StepClock(StoppingCriteria):
@@ -48,7 +48,7 @@ class HFBackend:
         self._export_dir = tempfile.TemporaryDirectory(prefix="rosetool-bench-")
         path = hf_folder(resolve_model(cfg), self._export_dir)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DTYPES[cfg.dtype] if cfg.dtype else "auto"
+        dtype = parse_dtype(cfg.dtype) if cfg.dtype else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
         self.tokenizer = load_tokenizer(path)
         self.eos = self.model.generation_config.eos_token_id
