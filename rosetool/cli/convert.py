@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
 
 from ..converters.api import ConvertResult, convert
 from ..converters.sinks import parse_size
+from ..converters.sources import Checkpoint
 from .output import byte_progress, err, out, print_json
 
 app = typer.Typer(help="Convert checkpoints between HF, native and Megatron layouts.", no_args_is_help=True)
@@ -23,16 +23,16 @@ ForceOpt = typer.Option(False, "--force", help="Replace a non-empty destination.
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
-def run_conversion(src: str, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
-                   force: bool, as_json: bool) -> ConvertResult:
+def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
+                   force: bool, as_json: bool, params: Optional[dict[str, Any]] = None,
+                   writer: Optional[Callable[..., None]] = None) -> ConvertResult:
     """Shared by every direction: progress bar while streaming, a summary table at the end."""
     shard = parse_size(max_shard_size) if max_shard_size else None
     with byte_progress(f"converting to {to}") as (set_total, advance):
         result = convert(src, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
-                         on_plan=lambda plan: set_total(sum(d.itemsize * math.prod(s) for _, d, s in plan.outputs)))
+                         on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer)
     report(result, as_json)
     return result
-
 
 
 def report(result: ConvertResult, as_json: bool) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 
-from ..converters.api import ConvertResult, convert
+from ..converters.api import ConvertResult
 from ..converters.megatron import Layout, is_megatron, make_writer, open_megatron
 from ..converters.megatron.layout import TRACKER
-from ..converters.sinks import parse_size
 from ..converters.sources import Checkpoint, resolve_source
 from ..errors import RosetoolError
-from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, report
-from .output import byte_progress
+from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, run_conversion
 
 TpOpt = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the output.")
 PpOpt = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the output (layers split evenly).")
@@ -26,12 +23,7 @@ def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bo
          layout: Layout | None = None, max_shard_size: str | None = None, **writer_args: object) -> ConvertResult:
     params = {"tensor_parallel": layout.tp} if layout else None
     writer = make_writer(layout, **writer_args) if layout else None
-    with byte_progress(f"converting to {to}") as (set_total, advance):
-        result = convert(src, dst, to, dtype=dtype, force=force, on_tensor=advance, params=params, writer=writer,
-                         max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
-                         on_plan=lambda plan: set_total(sum(d.itemsize * math.prod(s) for _, d, s in plan.outputs)))
-    report(result, as_json)
-    return result
+    return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer)
 
 
 def _open(src: str, vocab_size: int | None) -> Checkpoint:

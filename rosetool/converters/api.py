@@ -98,9 +98,8 @@ def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str |
     with atomic_output(Path(dst), force, ckpt.path) as tmp:
         writer = writer or WRITERS.get(to, write_folder)
         writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
-    nbytes = sum(torch.Size(s).numel() * d.itemsize for _, d, s in plan.outputs)
     fmt = ckpt.spec.format(ckpt.format)
-    return ConvertResult(str(ckpt.path), str(dst), ckpt.format, to, ckpt.spec.name, len(plan.outputs), nbytes,
+    return ConvertResult(str(ckpt.path), str(dst), ckpt.format, to, ckpt.spec.name, len(plan.outputs), plan.nbytes,
                          time.perf_counter() - start, unknown_fields(fmt, ckpt.raw_config))
 
 

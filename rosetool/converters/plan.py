@@ -8,6 +8,7 @@ write), so the executor holds one group at a time and memory stays bounded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -48,6 +49,10 @@ class Plan:
     groups: list[Group]
     source_keys: dict[str, str]           # planned key -> key as stored in the source
     outputs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.outputs)
 
 
 def format_env(fmt: Format, config: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> dict[str, Any]:

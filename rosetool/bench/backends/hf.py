@@ -16,10 +16,11 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, Schedule, fail
-from rosetool.bench.backends.model import hf_folder, load_tokenizer, make_vocab, model_label, resolve_model
+from rosetool.bench.backends.model import hf_folder, make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request
 from rosetool.dtypes import parse_dtype
+from rosetool.runtime.loader import load_tokenizer
 
 
 

@@ -44,16 +44,6 @@ def hf_folder(path: Path, workdir: tempfile.TemporaryDirectory) -> Path:
     return dst
 
 
-def load_tokenizer(path: Path) -> Any:
-    """The folder's tokenizer, or None when it ships none (random workloads still work)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def make_vocab(tokenizer: Any, vocab_size: int | None) -> Vocab:
     """Random ids come from the model's embedding range minus special tokens, so none is EOS."""
     size = vocab_size or (len(tokenizer) if tokenizer is not None else 0)

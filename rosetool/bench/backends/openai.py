@@ -18,10 +18,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from rosetool.bench.backends.base import BackendConfig, OnDone, Schedule, fail
-from rosetool.bench.backends.model import load_tokenizer, make_vocab, model_label, resolve_model
+from rosetool.bench.backends.model import make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request
 from rosetool.errors import RosetoolError
+from rosetool.runtime.loader import load_tokenizer
 
 
 class ServerError(Exception):
