@@ -1,4 +1,4 @@
-"""Config translation: a format's config dict <-> canonical config (the runtime's ModelArgs fields).
+"""Config translation: a format's config dict <-> canonical config (rosetool.canonical.ModelArgs fields).
 
 Driven by the `config` section of each format in a spec. Fields no table can express (HF's two RoPE
 spellings) go through a named codec here. Unknown fields are reported; fields a spec marks
@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..canonical import ModelArgs
 from ..errors import RosetoolError
 from ..mappings import expr
 from ..mappings.spec import ArchSpec, FieldMap, Format, default_expr
-from ..runtime.model import ModelArgs
 
 # Keys every HF config may carry that never change a forward pass.
 HF_INERT = frozenset({

@@ -13,7 +13,8 @@ import torch
 
 from ..converters.api import load_state
 from ..converters.sources import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from .model import ModelArgs, Transformer
+from ..canonical import ModelArgs
+from .model import Transformer
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The runtime's transformer: one file, GPT-2 and the Llama family, native weight layout.
 
-`ModelArgs` is the canonical config of the mapping specs, so a native folder's config loads as is.
+`ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
+config loads as is.
 Attention is pluggable (`attn_fn`): the eager path here is the reference that conversion parity is
 checked with; the paged engine passes its own function and a flattened batch.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,55 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RosetoolError
+from ..canonical import ModelArgs
 
-ROPE_TYPES = ("llama3", "linear")   # besides plain RoPE; anything else is refused by name
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class ModelArgs:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    max_position_embeddings: int
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
-    norm_bias: bool = False
-    activation: str = "silu"
-    glu: bool = True
-    position: str = "rope"
-    rope_theta: float | None = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    tie_word_embeddings: bool = False
-    sliding_window: int | None = None
-    bos_token_id: int | list[int] | None = None
-    eos_token_id: int | list[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise RosetoolError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise RosetoolError(f"unsupported norm {self.norm!r}")
-        if self.activation not in _ACTIVATIONS:
-            raise RosetoolError(f"unsupported activation {self.activation!r}; supported: {sorted(_ACTIVATIONS)}")
-        kind = (self.rope_scaling or {}).get("rope_type")
-        if self.rope_scaling and kind not in ROPE_TYPES:
-            raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
-
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu, "relu": F.relu,

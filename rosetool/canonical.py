@@ -1,0 +1,61 @@
+"""The canonical config: the one description of a model that specs, converters and the runtime share.
+
+It sits below both converters and runtime and imports no torch, so `inspect` and `mappings` stay
+instant. Every format's config is translated to these fields (by the spec's `config` tables); what the
+runtime cannot run is refused here, by field name, at conversion time as well as at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import RosetoolError
+
+ROPE_TYPES = ("llama3", "linear")   # besides plain RoPE; anything else is refused by name
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    activation: str = "silu"
+    glu: bool = True
+    position: str = "rope"
+    rope_theta: float | None = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise RosetoolError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.norm not in NORMS:
+            raise RosetoolError(f"unsupported norm {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise RosetoolError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        kind = (self.rope_scaling or {}).get("rope_type")
+        if self.rope_scaling and kind not in ROPE_TYPES:
+            raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
