@@ -15,3 +15,7 @@ class SpecError(RosetoolError):
 
 class CheckpointError(RosetoolError):
     """A checkpoint that is missing, truncated, inconsistent or unsafe."""
+
+
+class RosetoolWarning(UserWarning):
+    """Something suspicious but convertible (non-finite weights); `--strict` turns it into an error."""

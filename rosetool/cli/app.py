@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import warnings
 
 import click
 import typer
+import typer._click.exceptions as typer_click
+from rich.markup import escape
 
-from ..errors import RosetoolError
+from ..errors import RosetoolError, RosetoolWarning
 from . import bench, convert, demo, generate, inspect, mappings, megatron, verify
 from .output import err
 
@@ -26,22 +31,70 @@ app.add_typer(bench.app, name="bench")
 convert.app.command("hf-to-megatron")(megatron.hf_to_megatron)
 convert.app.command("megatron-to-hf")(megatron.megatron_to_hf)
 
+# typer 0.29 raises its bundled click's exceptions; plain click's are caught too for code that raises them.
+_EXITS = (typer.Exit, click.exceptions.Exit)
+_ABORTS = (typer.Abort, click.exceptions.Abort)
+_CLICK_ERRORS = (typer_click.ClickException, click.ClickException)
+_USAGE_ERRORS = (typer_click.UsageError, click.UsageError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An OSError names its file and reason, not its errno tuple; nothing spans two lines."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+        text = f"{' -> '.join(names)}: {exc.strerror}" if names else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so `atomic_output` removes its temporary folder; 128 + 15."""
+    raise SystemExit(143)
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user mistakes print `Error: ...` on one line and exit 2 (ROSETOOL_DEBUG=1: traceback)."""
-    try:
-        code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        err.print("Aborted.")
-        code = 130
-    except RosetoolError as exc:
-        if os.environ.get("ROSETOOL_DEBUG"):
-            raise
-        err.print(f"[red]Error:[/] {exc}", highlight=False, soft_wrap=True)
-        code = 2
+    """Run the CLI; nothing but one line ever reaches the user (ROSETOOL_DEBUG=1: tracebacks).
+
+    Usage mistakes print click's usage block and exit 2, input and OS errors `Error: ...` and exit 2,
+    anything else is a bug: `Error: internal error ...`, exit 1. Library warnings (torch's) are
+    noise to a user and are silenced; rosetool's own warnings print one line each.
+    """
+    debug = bool(os.environ.get("ROSETOOL_DEBUG"))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")
+        warnings.simplefilter("always", RosetoolWarning)
+        warnings.showwarning = _show_warning
+        code = _run(argv, debug)
     sys.exit(code or 0)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
+    try:
+        return app(args=argv, standalone_mode=False) or 0
+    except _EXITS as exc:
+        return exc.exit_code
+    except _CLICK_ERRORS as exc:
+        exc.show()
+        return 2 if isinstance(exc, _USAGE_ERRORS) else exc.exit_code
+    except _ABORTS:
+        err.print("Aborted.")
+        return 130
+    except (RosetoolError, OSError) as exc:
+        if debug:
+            raise
+        err.print(f"[red]Error:[/] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except Exception as exc:
+        if debug:
+            raise
+        err.print(f"[red]Error:[/] internal error, please report it: {type(exc).__name__}: {escape(_one_line(exc))} "
+                  f"(ROSETOOL_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        return 1

@@ -41,7 +41,10 @@ class EngineConfig:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise RosetoolError(f"LLM: device must be 'cpu' or 'cuda', got '{device}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RosetoolError("LLM: device 'cuda' requested but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
