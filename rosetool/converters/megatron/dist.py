@@ -17,7 +17,9 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
+    StorageMeta,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan
@@ -32,7 +34,7 @@ from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
 from .layout import iteration_dir
-from .unpickler import load_rank_file
+from .unpickler import load_dist_metadata, load_rank_file
 
 _STACKED = re.compile(r"^(.*\blayers)\.([a-z_].*)$")
 
@@ -66,12 +68,54 @@ class _SlicePlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn]    # the slice buffer itself; item offsets are relative to it
 
 
-def _read(folder: Path, stored: dict, meta: DistTensor) -> torch.Tensor:
+class _CheckedReader(dcp.FileSystemReader):
+    """Hands DCP the metadata read once through the restricted unpickler, never its own `pickle.load`."""
+
+    def __init__(self, folder: Path, metadata: Metadata):
+        super().__init__(folder)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
+        return self._metadata
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """The `.metadata`, checked before DCP trusts it: the right types, data files inside `folder`."""
+    path = folder / ".metadata"
+    md = load_dist_metadata(path)
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        raise CheckpointError(f"{path}: not torch_dist metadata (got {type(md).__name__})")
+    for fqn, stored in md.state_dict_metadata.items():
+        if isinstance(stored, TensorStorageMetadata) and not (
+                isinstance(stored.properties.dtype, torch.dtype) and isinstance(stored.size, torch.Size)):
+            raise CheckpointError(f"{path}: tensor {fqn!r} has a corrupt entry")
+    for index, where in md.storage_data.items():
+        rel = getattr(where, "relative_path", None)
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or Path(rel).name != rel or rel in (".", "..") \
+                or not all(isinstance(getattr(where, k, None), int) and getattr(where, k) >= 0
+                           for k in ("offset", "length")):
+            raise CheckpointError(f"{path}: tensor {fqn!r} points outside the checkpoint folder or at a bad range")
+        if not (folder / rel).is_file():
+            raise CheckpointError(f"{folder / rel}: missing data file for tensor {fqn!r}")
+        if where.offset + where.length > (folder / rel).stat().st_size:
+            raise CheckpointError(f"{folder / rel}: truncated: tensor {fqn!r} ends at byte "
+                                  f"{where.offset + where.length}, file has {(folder / rel).stat().st_size}")
+    md.storage_meta = md.storage_meta if isinstance(md.storage_meta, StorageMeta) else StorageMeta()
+    return md
+
+
+def _read(folder: Path, metadata: Metadata, meta: DistTensor) -> torch.Tensor:
     out = torch.empty(([1] if meta.layer is not None else []) + list(meta.shape), dtype=meta.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load({meta.fqn: out}, storage_reader=dcp.FileSystemReader(folder),
-                 planner=_SlicePlanner(meta, stored[meta.fqn]), no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load({meta.fqn: out}, storage_reader=_CheckedReader(folder, metadata),
+                     planner=_SlicePlanner(meta, metadata.state_dict_metadata[meta.fqn]), no_dist=True)
+    except Exception as exc:   # DCP wraps every reader failure in its own CheckpointException
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason})") from None
     return out[0] if meta.layer is not None else out
 
 
@@ -97,8 +141,8 @@ def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     args = common.get("args")
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")
-    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    metas = _index(folder, stored)
+    metadata = read_metadata(folder)
+    metas = _index(folder, metadata.state_dict_metadata)
     fmt_name = K.detect_format(list(metas))
     spec = spec_for_args(args, str(folder / "common.pt"))
     config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
@@ -107,4 +151,4 @@ def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":
                          common.get("checkpoint_version"), "args": summary(args)}}
-    return Checkpoint(root, fmt_name, spec, {}, config, metas, lambda k: _read(folder, stored, metas[k]), [], info)
+    return Checkpoint(root, fmt_name, spec, {}, config, metas, lambda k: _read(folder, metadata, metas[k]), [], info)

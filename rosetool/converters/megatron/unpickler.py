@@ -28,6 +28,17 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
 }
+# torch.distributed.checkpoint's `.metadata`: its dataclasses and enum, and the helpers their pickles name.
+_DCP_METADATA = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.planner", n) for n in (   # megatron-core saves its plans alongside
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"), ("torch", "Size")}
 _STUBBED = ("megatron", "transformer_engine", "apex", "nvidia_resiliency_ext", "modelopt")
 
 
@@ -57,6 +68,31 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module.split(".")[0] in _STUBBED:
             return _stub(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a torch_dist `.metadata` holds; Megatron objects in `planner_data` become stubs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in _STUBBED:
+            return _stub(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def load_dist_metadata(path: Path) -> Any:
+    """A torch_dist `.metadata` (`FileSystemReader.read_metadata` would `pickle.load` it unrestricted)."""
+    try:
+        with open(path, "rb") as f:
+            return MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused an unsafe pickle ({str(exc).splitlines()[0][:200]})") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated torch_dist metadata "
+                              f"({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
 _PICKLE_MODULE = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=pickle.load,
