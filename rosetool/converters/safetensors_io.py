@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,61 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def require_regular_file(path: Path) -> int:
+    """The size of `path`, refusing anything but a regular file: opening a FIFO would block forever."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    return st.st_size
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`json.loads` keeps the last of two equal keys; in a header that hides a tensor."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, h: object, base: int) -> TensorInfo:
+    """One header entry, checked field by field as the safetensors format defines it."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry ({what})")
+    if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+        raise bad("expected exactly dtype, shape and data_offsets")
+    if h["dtype"] not in DTYPES:
+        raise bad(f"unknown dtype {h['dtype']!r}")
+    shape, offsets = h["shape"], h["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad(f"data_offsets {offsets!r} are not two non-negative integers")
+    b, e = offsets
+    if b > e:
+        raise bad(f"data_offsets [{b}, {e}] begin after they end")
+    info = TensorInfo(name, DTYPES[h["dtype"]], tuple(shape), path, base + b, base + e)
+    if e - b != info.nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} holds {e - b} bytes, its shape needs {info.nbytes}")
+    return info
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a header: every tensor must lie inside the file and match its shape."""
-    size = path.stat().st_size
+    """Parse and check a header before any data moves: a JSON object of well-formed entries with unique
+    names whose byte ranges tile the data section exactly (no gap, no overlap, no trailing bytes)."""
+    size = require_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -54,22 +107,28 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if n > min(_MAX_HEADER, size - 8):
             raise CheckpointError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensor {str(exc)!r} listed twice)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     meta = header.pop("__metadata__", None) or {}
-    infos = {}
-    for name, h in header.items():
-        try:
-            dtype, shape, (b, e) = DTYPES[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry") from None
-        info = TensorInfo(name, dtype, shape, path, 8 + n + b, 8 + n + e)
-        if info.end - info.start != info.nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} holds {e - b} bytes, its shape needs {info.nbytes}")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    base = 8 + n
+    infos = {name: _entry(path, name, h, base) for name, h in header.items()}
+    pos = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start != pos:
+            what = "overlaps the tensor before it" if info.start < pos else f"leaves a gap at byte {pos}"
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensor {info.name!r} {what})")
         if info.end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {info.end}, file has {size}")
-        infos[name] = info
+            raise CheckpointError(f"{path}: truncated: tensor {info.name!r} ends at byte {info.end}, file has {size}")
+        pos = info.end
+    if pos != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({size - pos} bytes after the last tensor)")
     return infos, meta
 
 

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, RosetoolError
 from ..mappings.spec import ArchSpec, get_spec, spec_for_hf
 from .config_map import read_config
 from .megatron import is_megatron, open_megatron
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .safetensors_io import TensorInfo, read_header, read_tensor, require_regular_file
 
 NATIVE_MARKER = "rosetool-native"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -78,18 +78,49 @@ def resolve_source(path_or_id: str | os.PathLike) -> Path:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a regular file; a list, a number, a folder or bad UTF-8 is one line."""
+    require_regular_file(path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:   # UnicodeDecodeError and JSONDecodeError
+        raise CheckpointError(f"{path}: cannot read JSON ({' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _roots(folder: Path) -> tuple[Path, ...]:
+    """Where a source's files may live: the folder, and for a huggingface_hub snapshot its `blobs`,
+    which the snapshot's symlinks point into."""
+    root = folder.resolve()
+    return (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
+
+
+def inside(folder: Path, name: str, listed_in: Path) -> Path:
+    """`folder / name`, refused when a `../`, an absolute path or a symlink would lead out of `folder`."""
+    path = folder / name
+    if not isinstance(name, str) or not name or os.path.isabs(name) \
+            or not any(root in path.resolve().parents for root in _roots(folder)):
+        raise CheckpointError(f"{listed_in}: {name!r} leads outside the checkpoint folder {folder}; refused")
+    return path
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = _load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map \
+            or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" object of tensor name -> shard file")
+    return weight_map
 
 
 def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
+    """Every tensor of every shard, each stored once; with an index, exactly where `weight_map` says."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(_load_json(index).get("weight_map", {}).values()))
+    weight_map = _weight_map(index) if index.exists() else None
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
         for f in files:
-            if not (folder / f).exists():
+            if not inside(folder, f, index).exists():
                 raise CheckpointError(f"{index}: lists shard {f}, which is missing")
     else:
         files = ["model.safetensors"] if (folder / "model.safetensors").exists() else \
@@ -98,7 +129,17 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
         return None
     out: dict[str, TensorInfo] = {}
     for f in files:
-        out.update(read_header(folder / f)[0])
+        for name, info in read_header(inside(folder, f, index if weight_map else folder))[0].items():
+            if name in out:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is also stored in {out[name].file.name}")
+            if weight_map is not None and weight_map.get(name) != f:
+                where = f"maps it to {weight_map[name]}" if name in weight_map else "does not list it"
+                raise CheckpointError(f"{info.file}: tensor {name!r} is stored here but {index.name} {where}")
+            out[name] = info
+    if weight_map is not None and weight_map.keys() - out.keys():
+        name = sorted(weight_map.keys() - out.keys())[0]
+        raise CheckpointError(f"{folder / weight_map[name]}: tensor {name!r} is missing "
+                              f"({index.name} lists it in this shard)")
     return out
 
 
@@ -145,8 +186,12 @@ def _open_tensors(folder: Path) -> tuple[dict[str, TensorMeta], Callable[[str], 
 
 
 def _carried_files(folder: Path) -> list[Path]:
+    """Tokenizer and generation files to copy; a symlink out of the source or a non-file is refused."""
     names = TOKENIZER_FILES + ("generation_config.json",)
-    return [folder / n for n in names if (folder / n).exists()]
+    found = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
+    for n in found:
+        require_regular_file(inside(folder, n, folder / n))
+    return [folder / n for n in found]
 
 
 def open_hf(folder: Path) -> Checkpoint:
@@ -160,6 +205,8 @@ def open_hf(folder: Path) -> Checkpoint:
 def open_native(folder: Path) -> Checkpoint:
     raw = _load_json(folder / "config.json")
     spec = get_spec(raw.get("architecture", ""))
+    if not isinstance(raw.get("config", {}), dict):
+        raise CheckpointError(f"{folder / 'config.json'}: \"config\" must be a JSON object")
     config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"))
     tensors, read = _open_tensors(folder)
     return Checkpoint(folder, "native", spec, raw, config, tensors, read, _carried_files(folder))
@@ -167,7 +214,10 @@ def open_native(folder: Path) -> Checkpoint:
 
 def _is_native(folder: Path) -> bool:
     cfg = folder / "config.json"
-    return cfg.exists() and NATIVE_MARKER in cfg.read_text()[:200]
+    if not cfg.is_file():
+        return False
+    with open(cfg, "rb") as f:
+        return NATIVE_MARKER.encode() in f.read(200)
 
 
 # (name, detector, opener); later issues add formats here.
