@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import warnings
 
 import click
@@ -52,11 +50,6 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: object, *
     err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so `atomic_output` removes its temporary folder; 128 + 15."""
-    raise SystemExit(143)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; nothing but one line ever reaches the user (ROSETOOL_DEBUG=1: tracebacks).
 
@@ -65,8 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     noise to a user and are silenced; rosetool's own warnings print one line each.
     """
     debug = bool(os.environ.get("ROSETOOL_DEBUG"))
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
     with warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore")

@@ -19,7 +19,8 @@ Src = typer.Argument(..., help="Source checkpoint folder (or an HF hub id alread
 Dst = typer.Argument(..., help="Destination folder; must not exist or be empty (see --force).")
 DtypeOpt = typer.Option(None, "--dtype", help="Cast every tensor: float32, float16 or bfloat16 (default: keep).")
 ShardOpt = typer.Option(None, "--max-shard-size", help="Split safetensors output, e.g. 5GB, 500MB (default: one file).")
-ForceOpt = typer.Option(False, "--force", help="Replace a non-empty destination.")
+ForceOpt = typer.Option(False, "--force", help="Replace a non-empty destination; a destination that is a "
+                         "symlink has the link itself replaced, never what it points to.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
