@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..canonical import ModelArgs
+from ..canonical import ModelArgs, check_fields
 from ..errors import RosetoolError
 from ..mappings import expr
 from ..mappings.spec import ArchSpec, FieldMap, Format, default_expr
@@ -139,17 +139,26 @@ def read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str)
 def _read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     check_supported(fmt, raw, where)
     if fmt.config is None:
+        _check_given(raw, where)
         return _resolve_defaults(spec, dict(raw), where)
     cfg: dict[str, Any] = {}
     for f in fmt.config:
         cfg[f.canonical] = _read_field(f, raw, where)
     deferred = {k: v.source for k, v in cfg.items() if isinstance(v, _Deferred)}
+    _check_given({k: v for k, v in cfg.items() if k not in deferred}, where)   # before defaults divide by them
     for k in deferred:
         cfg[k] = None
     for k, src in deferred.items():
         known = {n: v for n, v in {**_constants(spec), **cfg}.items() if v is not None}
         cfg[k] = expr.evaluate(src, known)
     return _resolve_defaults(spec, cfg, where)
+
+
+def _check_given(cfg: Mapping[str, Any], where: str) -> None:
+    try:
+        check_fields({k: v for k, v in cfg.items() if v is not None})
+    except RosetoolError as exc:
+        raise RosetoolError(f"{where}: {exc}") from None
 
 
 def _constants(spec: ArchSpec) -> dict[str, Any]:
