@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,8 +46,12 @@ class OpenAIBackend:
         url = urlsplit(cfg.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise RosetoolError(f"--base-url {cfg.base_url!r}: expected http(s)://HOST[:PORT][/v1]")
+        try:
+            port = url.port
+        except ValueError:   # urllib raises on a port that is not a number in 0..65535
+            raise RosetoolError(f"--base-url {cfg.base_url!r}: the port is not a number in 1..65535") from None
         self.cfg, self.url = cfg, url
-        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.port = port or (443 if url.scheme == "https" else 80)
         self.path = completions_path(url.path)
         self._check_reachable()
         self.model_id = cfg.served_model_name or self._served_model() or model_label(cfg)
@@ -102,6 +107,7 @@ class OpenAIBackend:
 
     def _one(self, request: Request, result: RequestResult, on_done: OnDone) -> None:
         conn = self._connection(timeout=self.cfg.timeout_s)
+        deadline = _Deadline(conn, self.cfg.timeout_s)
         result.start = time.perf_counter()
         try:
             conn.request("POST", self.path, self._body(request), {"Content-Type": "application/json"})
@@ -110,10 +116,11 @@ class OpenAIBackend:
                 raise ServerError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}")
             usage = _read_stream(resp, result) if self.cfg.stream else _read_whole(resp)
             result.end = time.perf_counter()
-            result.output_tokens = usage if usage is not None else len(result.token_times)
-        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, ServerError) as err:
-            fail(result, err)
+            result.output_tokens = _output_tokens(usage, len(result.token_times), request.output_len, self.cfg.stream)
+        except Exception as err:   # a worker thread: whatever went wrong is this request's failure reason
+            fail(result, deadline.error() if deadline.expired.is_set() else err)
         finally:
+            deadline.cancel()
             conn.close()
             on_done(result)
 
@@ -121,32 +128,95 @@ class OpenAIBackend:
         """Connections are per request and already closed; the server is not ours to stop."""
 
 
+class _Deadline:
+    """Bounds a whole request: the socket timeout applies per read, so a server dripping one chunk a
+    second would never trip it. At the deadline the socket is shut down, which ends any blocked read."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float):
+        self.conn, self.seconds, self.expired = conn, seconds, threading.Event()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def error(self) -> TimeoutError:
+        return TimeoutError(f"no complete response within --request-timeout {self.seconds:g} s")
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _count(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ServerError(f"{what} is {value!r}, not a non-negative integer")
+    return value
+
+
+def _usage(doc: dict) -> int | None:
+    usage = doc.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise ServerError(f"usage is {usage!r}, not an object")
+    return _count(usage.get("completion_tokens"), "usage.completion_tokens")
+
+
 def _read_stream(resp: http.client.HTTPResponse, result: RequestResult) -> int | None:
-    """Stamp every SSE chunk that carries a choice; return `usage.completion_tokens` if sent."""
+    """Stamp every SSE chunk that carries a choice; return `usage.completion_tokens` if sent.
+    A stream must end with `data: [DONE]`; one that stops short is incomplete, not finished."""
     usage = None
     for raw in resp:
-        line = raw.decode().strip()
+        line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
             continue
         payload = line[len("data:"):].strip()
         if payload == "[DONE]":
-            break
+            return usage
         chunk = json.loads(payload)
+        if not isinstance(chunk, dict):
+            raise ServerError(f"stream chunk {payload[:80]!r} is not a JSON object")
         if chunk.get("error"):
             raise ServerError(str(chunk["error"]))
-        if chunk.get("choices"):
+        choices = chunk.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise ServerError(f"stream chunk has choices {choices!r}, not a list")
+        if choices:
             result.token_times.append(time.perf_counter())
-        if chunk.get("usage"):
-            usage = int(chunk["usage"]["completion_tokens"])
-    return usage
+        usage = _usage(chunk) if chunk.get("usage") is not None else usage
+    raise ServerError("stream ended without 'data: [DONE]' (incomplete response)")
 
 
 def _read_whole(resp: http.client.HTTPResponse) -> int:
-    data = json.loads(resp.read())
-    try:
-        return int(data["usage"]["completion_tokens"])
-    except (KeyError, TypeError):
-        raise ServerError("non-streaming response without usage.completion_tokens") from None
+    body = resp.read()
+    if not body.strip():
+        raise ServerError("HTTP 200 with an empty body")
+    data = json.loads(body)
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        raise ServerError(f"response {body[:80]!r} has no choices")
+    usage = _usage(data)
+    if usage is None:
+        raise ServerError("non-streaming response without usage.completion_tokens")
+    return usage
+
+
+def _output_tokens(usage: int | None, chunks: int, asked: int, stream: bool) -> int:
+    """The server's count, checked against what was asked for and what was streamed."""
+    if stream and chunks == 0:
+        raise ServerError("stream carried no tokens")
+    tokens = chunks if usage is None else usage
+    if usage is not None and usage < chunks:
+        raise ServerError(f"usage.completion_tokens={usage} but {chunks} token chunks were streamed")
+    if tokens > asked:
+        raise ServerError(f"{tokens} output tokens for max_tokens={asked}")
+    return tokens
 
 
 def _config_vocab_size(path: Path) -> int | None:
