@@ -107,10 +107,11 @@ class OpenAIBackend:
 
     def _one(self, request: Request, result: RequestResult, on_done: OnDone) -> None:
         conn = self._connection(timeout=self.cfg.timeout_s)
-        deadline = _Deadline(conn, self.cfg.timeout_s)
+        deadline = _Deadline(self.cfg.timeout_s)
         result.start = time.perf_counter()
         try:
             conn.request("POST", self.path, self._body(request), {"Content-Type": "application/json"})
+            deadline.watch(conn.sock)   # the response may outlive `conn.sock` (it is dropped when will_close)
             resp = conn.getresponse()
             if resp.status != 200:
                 raise ServerError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}")
@@ -132,20 +133,27 @@ class _Deadline:
     """Bounds a whole request: the socket timeout applies per read, so a server dripping one chunk a
     second would never trip it. At the deadline the socket is shut down, which ends any blocked read."""
 
-    def __init__(self, conn: http.client.HTTPConnection, seconds: float):
-        self.conn, self.seconds, self.expired = conn, seconds, threading.Event()
+    def __init__(self, seconds: float):
+        self.seconds, self.expired, self._sock = seconds, threading.Event(), None
+        self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
+    def watch(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+        if self.expired.is_set():
+            self._expire()
+
     def _expire(self) -> None:
-        self.expired.set()
-        sock = self.conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            self.expired.set()
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def error(self) -> TimeoutError:
         return TimeoutError(f"no complete response within --request-timeout {self.seconds:g} s")
