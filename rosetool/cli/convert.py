@@ -22,16 +22,18 @@ ShardOpt = typer.Option(None, "--max-shard-size", help="Split safetensors output
 ForceOpt = typer.Option(False, "--force", help="Replace a non-empty destination; a destination that is a "
                          "symlink has the link itself replaced, never what it points to.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+StrictOpt = typer.Option(False, "--strict", help="Refuse a source with NaN/Inf weights (default: warn, naming them).")
 
 
 def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
                    force: bool, as_json: bool, params: Optional[dict[str, Any]] = None,
-                   writer: Optional[Callable[..., None]] = None) -> ConvertResult:
+                   writer: Optional[Callable[..., None]] = None, strict: bool = False) -> ConvertResult:
     """Shared by every direction: progress bar while streaming, a summary table at the end."""
     shard = parse_size(max_shard_size) if max_shard_size else None
     with byte_progress(f"converting to {to}") as (set_total, advance):
         result = convert(src, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
-                         on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer)
+                         on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer,
+                         strict=strict)
     report(result, as_json)
     return result
 
@@ -53,19 +55,22 @@ def report(result: ConvertResult, as_json: bool) -> None:
 
 @app.command("hf-to-native")
 def hf_to_native(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
-                 max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                 max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
+                 strict: bool = StrictOpt) -> None:
     """HF folder (safetensors or pytorch_model.bin, sharded or not) -> native runtime folder."""
-    run_conversion(src, dst, "native", dtype, max_shard_size, force, as_json)
+    run_conversion(src, dst, "native", dtype, max_shard_size, force, as_json, strict=strict)
 
 
 @app.command("native-to-hf")
 def native_to_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
-                 max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                 max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
+                 strict: bool = StrictOpt) -> None:
     """Native runtime folder -> HF folder (config, generation config, tokenizer, safetensors)."""
-    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json)
+    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, strict=strict)
 
 
 def export_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
-              max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+              max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
+              strict: bool = StrictOpt) -> None:
     """Any supported checkpoint -> an HF folder that transformers and vLLM load as is."""
-    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json)
+    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, strict=strict)

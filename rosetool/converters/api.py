@@ -14,6 +14,7 @@ import torch
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from .config_map import transformers_major, unknown_fields, write_config
 from .execute import execute
+from .finite import check_finite
 from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
 from .outdir import atomic_output
 from .plan import Plan, make_plan
@@ -86,13 +87,15 @@ WRITERS: dict[str, Callable[..., None]] = {f: megatron_writer() for f in MEGATRO
 def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str | None = None,
             max_shard_size: int | None = None, force: bool = False, on_tensor: Callable[[int], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None, params: dict[str, Any] | None = None,
-            writer: Callable[..., None] | None = None) -> ConvertResult:
+            writer: Callable[..., None] | None = None, strict: bool = False) -> ConvertResult:
     """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`.
-    `writer` overrides the registered one (Megatron's, bound to a TP/PP layout)."""
+    `writer` overrides the registered one (Megatron's, bound to a TP/PP layout); `strict` makes
+    NaN/Inf in the source an error instead of a warning."""
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     plan = make_plan(ckpt, to, torch_dtype, params)
+    check_finite(ckpt, dict.fromkeys(plan.source_keys.values()), strict)
     if on_plan:
         on_plan(plan)
     with atomic_output(Path(dst), force, ckpt.path) as tmp:
