@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from rosetool.cli.output import err
 from rosetool.errors import RosetoolError
 
 
@@ -40,11 +41,17 @@ def generate(
                             max_tokens=max_tokens)
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
     llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
+    generated, reason = 0, None
     while llm.has_unfinished():
         for event in llm.step():
+            generated += len(event.new_token_ids)
+            reason = event.finish_reason or reason
             if event.text_delta is not None:
                 sys.stdout.write(event.text_delta)
             else:
                 sys.stdout.write("".join(f"{t} " for t in event.new_token_ids))
             sys.stdout.flush()
     sys.stdout.write("\n")
+    if reason == "length" and generated < max_tokens:   # the context ran out before --max-tokens did
+        err.print(f"note: stopped after {generated} of --max-tokens {max_tokens} tokens: prompt and output "
+                  f"filled the model's context of {llm.max_model_len} tokens", highlight=False, soft_wrap=True)
