@@ -80,12 +80,13 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(dst: Path) -> list[Path]:
-    """Temporary folders of earlier runs to `dst` whose process is gone (SIGKILL, power loss).
-    Called with the lock held, so no live run can own them."""
+    """Temporary folders of earlier runs to `dst` whose process is gone (SIGKILL, power loss), or
+    carry our own pid (reused). Called with the lock held, so no live rosetool run can be writing them."""
     removed = []
     for p in dst.parent.glob(f".{glob.escape(dst.name)}.rosetool-*-*"):
         m = _LEFTOVER.search(p.name)
-        if m and p.name.startswith(f".{dst.name}.") and not _alive(int(m.group(1))) and not p.is_symlink():
+        pid = int(m.group(1)) if m else None
+        if pid is not None and (pid == os.getpid() or not _alive(pid)) and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

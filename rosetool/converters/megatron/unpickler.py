@@ -70,6 +70,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle naming a global outside the allow list: refused, as opposed to merely corrupt."""
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Only the classes a torch_dist `.metadata` holds; Megatron objects in `planner_data` become stubs."""
 
@@ -80,7 +84,7 @@ class MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.split(".")[0] in _STUBBED:
             return _stub(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        raise RefusedGlobal(f"global {module}.{name} is not allowed")
 
 
 def load_dist_metadata(path: Path) -> Any:
@@ -88,9 +92,9 @@ def load_dist_metadata(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise CheckpointError(f"{path}: refused an unsafe pickle ({str(exc).splitlines()[0][:200]})") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError) as exc:
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated torch_dist metadata "
                               f"({type(exc).__name__}: {str(exc)[:160]})") from None
 
