@@ -474,3 +474,183 @@ def test_console_script_usage_error_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from rosetool.cli.app import main; main()", "convert", "--bogus"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- the destination: user files are never lost, runs do not race, nothing is left behind
+
+def beside(dst: Path) -> list[str]:
+    return sorted(p.name for p in dst.parent.iterdir() if p.name != dst.name)
+
+
+def finish_then(action: Callable[[Path], None], monkeypatch) -> None:
+    """Run `action(dst)` after the output is written but before it is moved into place."""
+    from rosetool.converters import api, outdir
+    commit = outdir._commit
+
+    def late(tmp: Path, dst: Path, force: bool) -> None:
+        action(dst)
+        commit(tmp, dst, force)
+    monkeypatch.setattr(outdir, "_commit", late)
+    assert api.atomic_output is outdir.atomic_output
+
+
+def test_files_put_in_dst_during_the_run_are_kept(bases, tmp_path, cli, monkeypatch):
+    dst = tmp_path / "out" / "dst"
+
+    def user_writes(d: Path) -> None:
+        d.mkdir()
+        (d / "mine.txt").write_text("keep me")
+    finish_then(user_writes, monkeypatch)
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 2
+    line = one_error_line(res)
+    kept = dst.parent / f"dst.rosetool-finished-{os.getpid()}"
+    assert f"{dst}: destination changed during the run" in line and str(kept) in line
+    assert (dst / "mine.txt").read_text() == "keep me" and sorted(p.name for p in dst.iterdir()) == ["mine.txt"]
+    assert (kept / "model.safetensors").is_file() and (kept / "config.json").is_file()
+    assert beside(dst) == [kept.name]
+
+
+def test_file_put_at_dst_during_the_run_is_kept(bases, tmp_path, cli, monkeypatch):
+    dst = tmp_path / "out" / "dst"
+    finish_then(lambda d: d.write_text("a file"), monkeypatch)
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 2 and "destination changed during the run" in one_error_line(res)
+    assert dst.read_text() == "a file"
+
+
+def test_force_replaces_what_appeared_during_the_run(bases, tmp_path, cli, monkeypatch):
+    dst = tmp_path / "out" / "dst"
+    finish_then(lambda d: (d.mkdir(), (d / "old.txt").write_text("x")), monkeypatch)
+    res = cli(*TO_NATIVE, bases["hf"], dst, "--force")
+    assert res.code == 0, res.err
+    assert (dst / "model.safetensors").is_file() and not (dst / "old.txt").exists() and beside(dst) == []
+
+
+def test_symlink_dst_is_refused_without_force(bases, tmp_path, cli):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "thesis.txt").write_text("years of work")
+    dst = tmp_path / "out" / "dst"
+    dst.parent.mkdir()
+    dst.symlink_to(target)
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 2 and "destination is a symlink" in one_error_line(res)
+    assert dst.is_symlink() and (target / "thesis.txt").read_text() == "years of work"
+    assert beside(dst) == []
+
+
+def test_force_replaces_a_symlink_dst_not_its_target(bases, tmp_path, cli):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "thesis.txt").write_text("years of work")
+    dst = tmp_path / "out" / "dst"
+    dst.parent.mkdir()
+    dst.symlink_to(target)
+    res = cli(*TO_NATIVE, bases["hf"], dst, "--force")
+    assert res.code == 0, res.err
+    assert not dst.is_symlink() and (dst / "model.safetensors").is_file()
+    assert sorted(p.name for p in target.iterdir()) == ["thesis.txt"]
+    assert beside(dst) == []
+
+
+def test_a_second_run_to_the_same_dst_is_refused(bases, tmp_path, cli):
+    from rosetool.converters.outdir import _lock
+    dst = tmp_path / "out" / "dst"
+    dst.parent.mkdir()
+    with _lock(dst):
+        res = cli(*TO_NATIVE, bases["hf"], dst)
+        assert res.code == 2 and "another rosetool run is writing this destination" in one_error_line(res)
+        assert not dst.exists()
+    assert beside(dst) == []
+    assert cli(*TO_NATIVE, bases["hf"], dst).code == 0 and beside(dst) == []
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_of_a_dead_run_is_removed_with_one_line(bases, tmp_path, cli):
+    dst = tmp_path / "out" / "dst"
+    stale = dst.parent / f".dst.rosetool-tmp-{dead_pid()}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"\0" * 1024)
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 0, res.err
+    notes = [line for line in res.err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("warning: removed") and stale.name in notes[0]
+    assert beside(dst) == []
+
+
+def test_temp_of_a_live_process_is_not_removed(bases, tmp_path, cli):
+    dst = tmp_path / "out" / "dst"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = dst.parent / f".dst.rosetool-tmp-{live.pid}"
+        other.mkdir(parents=True)
+        assert cli(*TO_NATIVE, bases["hf"], dst).code == 0
+        assert other.is_dir() and beside(dst) == [other.name]
+    finally:
+        live.kill()
+        live.wait()
+
+
+SIGNAL_RUN = """
+import os, signal, sys
+from pathlib import Path
+from rosetool.converters.outdir import atomic_output
+with atomic_output(Path(sys.argv[1])) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"0" * 4096)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+"""
+
+
+def test_sigterm_cleans_up_and_exits_143(tmp_path):
+    dst = tmp_path / "out" / "dst"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_RUN, str(dst), "SIGTERM"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not dst.exists() and beside(dst) == []
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(bases, tmp_path, cli):
+    dst = tmp_path / "out" / "dst"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_RUN, str(dst), "SIGKILL"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == -9
+    assert len(beside(dst)) == 2        # its temp folder and its lock file
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 0 and "warning: removed" in res.err
+    assert beside(dst) == [] and (dst / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES", "EIO"])
+def test_os_errors_while_writing_are_one_line(code, bases, tmp_path, cli, monkeypatch):
+    import errno
+    number = getattr(errno, code)
+
+    def broken(*args, **kwargs):
+        raise OSError(number, os.strerror(number))
+    monkeypatch.setattr(os, "copy_file_range", broken)
+    monkeypatch.setattr(os, "pwrite", broken)
+    dst = tmp_path / "out" / "dst"
+    res = cli(*TO_NATIVE, bases["hf"], dst)
+    assert res.code == 2
+    assert one_error_line(res) == f"Error: {os.strerror(number)}"
+    assert not dst.exists() and beside(dst) == []
+
+
+def test_unwritable_destination_folder_is_one_line(bases, tmp_path, cli, monkeypatch):
+    import errno
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith("rosetool-lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    res = cli(*TO_NATIVE, bases["hf"], tmp_path / "out" / "dst")
+    assert res.code == 2 and one_error_line(res).endswith(f"rosetool-lock: {os.strerror(errno.EROFS)}")
