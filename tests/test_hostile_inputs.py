@@ -654,3 +654,29 @@ def test_unwritable_destination_folder_is_one_line(bases, tmp_path, cli, monkeyp
     monkeypatch.setattr(os, "open", read_only)
     res = cli(*TO_NATIVE, bases["hf"], tmp_path / "out" / "dst")
     assert res.code == 2 and one_error_line(res).endswith(f"rosetool-lock: {os.strerror(errno.EROFS)}")
+
+
+# ---- smaller holes
+
+def test_generate_says_when_the_context_ends_it(bases, cli):
+    res = cli("generate", bases["hf"], "1 2 3", "--max-tokens", "100", "--temperature", "0", "--device", "cpu")
+    assert res.code == 0, res.err
+    assert len(res.out.split()) == 61     # 64 positions: 3 prompt tokens + 61 generated
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert lines == ["note: stopped after 61 of --max-tokens 100 tokens: prompt and output filled the model's "
+                     "context of 64 tokens"]
+
+
+def test_library_warnings_do_not_reach_the_user(bases, tmp_path, cli, monkeypatch):
+    import warnings
+    from rosetool.converters import api
+    real = api.execute
+
+    def noisy(*args, **kwargs):
+        warnings.warn("TypedStorage is deprecated", UserWarning)   # as torch says from deep inside a load
+        return real(*args, **kwargs)
+    monkeypatch.setattr(api, "execute", noisy)
+    res = cli(*TO_NATIVE, bases["hf"], tmp_path / "dst")
+    assert res.code == 0 and "Warning" not in res.err and "TypedStorage" not in res.err, res.err
+    res = cli("convert", "megatron-to-hf", bases["dist"], tmp_path / "dst2")
+    assert res.code == 0 and "arn" not in res.err, res.err
