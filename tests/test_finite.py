@@ -1,0 +1,27 @@
+"""The NaN/Inf count: exact for every float dtype, with or without the sum shortcut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rosetool.converters.finite import count_nonfinite
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e5m2, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("positions", [(), (0,), (3, 998), (1, 2, 500)])
+def test_counts_every_nan_and_inf(dtype, positions):
+    torch.manual_seed(len(positions))
+    x = torch.randn(999).to(dtype)
+    specials = [float("nan"), float("inf"), float("-inf")]
+    for i, p in enumerate(positions):   # float8_e4m3fn has no Inf: it stores NaN there
+        x[p] = specials[i % 3] if dtype != torch.float8_e4m3fn else float("nan")
+    assert count_nonfinite(x) == len(positions) == int((~torch.isfinite(x.float())).sum())
+
+
+def test_a_sum_that_overflows_is_not_a_false_alarm():
+    assert count_nonfinite(torch.full((10,), 3e38)) == 0
+    assert count_nonfinite(torch.full((10,), 6e4, dtype=torch.float16)) == 0
+    assert count_nonfinite(torch.full((10,), 3e38, dtype=torch.bfloat16)) == 0
