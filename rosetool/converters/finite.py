@@ -20,15 +20,26 @@ from .sources import Checkpoint
 _CHUNK = 16 << 20
 
 
+# float dtype -> (same-width integer view, its magnitude bits, the smallest magnitude that is NaN/Inf):
+# exponent all ones. Integer ops on the raw bits run several times faster than `isfinite`.
+_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float8_e5m2: (torch.uint8, 0x7F, 0x7C),
+    torch.float8_e4m3fn: (torch.uint8, 0x7F, 0x7F),   # no Inf; S.1111.111 is its only NaN
+}
+
+
 def count_nonfinite(tensor: torch.Tensor) -> int:
-    """A NaN or Inf anywhere makes the sum non-finite, and summing is several times faster than
-    `isfinite`; only a sum that is not finite (or overflowed) pays for the exact count."""
-    if tensor.dtype.itemsize == 1:   # float8: no sum or isfinite kernels for it
-        tensor = tensor.float()
-    total = tensor.sum(dtype=torch.float32) if tensor.dtype.itemsize == 2 else tensor.sum()
-    if torch.isfinite(total):
+    if tensor.dtype not in _BITS:
+        return int(tensor.numel() - torch.isfinite(tensor).sum())
+    int_dtype, magnitude, first_bad = _BITS[tensor.dtype]
+    bits = torch.bitwise_and(tensor.contiguous().view(int_dtype), magnitude)
+    if bits.numel() == 0 or int(bits.max()) < first_bad:
         return 0
-    return int(tensor.numel() - torch.isfinite(tensor).sum())
+    return int((bits >= first_bad).sum())
 
 
 def _count_in_file(meta: TensorInfo) -> int:
