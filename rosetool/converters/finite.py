@@ -32,38 +32,41 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 }
 
 
-def count_nonfinite(tensor: torch.Tensor) -> int:
+def count_nonfinite(tensor: torch.Tensor, scratch: bool = False) -> int:
+    """`scratch=True`: the tensor is a buffer of ours and is overwritten instead of copied."""
     if tensor.dtype not in _BITS:
         return int(tensor.numel() - torch.isfinite(tensor).sum())
     int_dtype, magnitude, first_bad = _BITS[tensor.dtype]
-    bits = torch.bitwise_and(tensor.contiguous().view(int_dtype), magnitude)
+    bits = tensor.contiguous().view(int_dtype)
+    bits = bits.bitwise_and_(magnitude) if scratch else bits.bitwise_and(magnitude)
     if bits.numel() == 0 or int(bits.max()) < first_bad:
         return 0
     return int((bits >= first_bad).sum())
 
 
-def _count_in_file(meta: TensorInfo) -> int:
-    itemsize = meta.dtype.itemsize
-    buf = bytearray(_CHUNK - _CHUNK % itemsize)
+def _count_in_file(meta: TensorInfo, buf: torch.Tensor) -> int:
+    """Reads the tensor's bytes chunk by chunk into `buf` (reused: no allocation per tensor)."""
+    step = buf.numel() - buf.numel() % meta.dtype.itemsize
     bad, pos, left = 0, meta.start, meta.end - meta.start
     with open(meta.file, "rb", buffering=0) as f:
         while left > 0:
             f.seek(pos)
-            n = f.readinto(memoryview(buf)[:min(left, len(buf))])
-            if not n:
+            n = f.readinto(memoryview(buf[:min(left, step)].numpy()))
+            if not n or n % meta.dtype.itemsize:
                 raise CheckpointError(f"{meta.file}: truncated while reading tensor {meta.name!r}")
-            bad += count_nonfinite(torch.frombuffer(buf, dtype=meta.dtype, count=n // itemsize))
+            bad += count_nonfinite(buf[:n].view(meta.dtype), scratch=True)
             pos, left = pos + n, left - n
     return bad
 
 
 def check_finite(ckpt: Checkpoint, keys: Iterable[str], strict: bool = False) -> None:
+    buf = torch.empty(_CHUNK, dtype=torch.uint8)   # not zero-filled: every chunk is read into it first
     for key in keys:
         meta = ckpt.tensors[key]
         if not meta.dtype.is_floating_point:
             continue
         raw = getattr(meta, "start", None) is not None
-        bad = _count_in_file(meta) if raw else count_nonfinite(ckpt.read(key))
+        bad = _count_in_file(meta, buf) if raw else count_nonfinite(ckpt.read(key))
         if bad:
             message = f"{meta.file}: tensor {key!r} has {bad} NaN/Inf value(s)"
             if strict:
