@@ -1,4 +1,4 @@
-"""The NaN/Inf count from raw bits: exact for every float dtype, checked against torch.isfinite."""
+"""The NaN/Inf count: exact for every float dtype, checked against torch.isfinite."""
 
 from __future__ import annotations
 
