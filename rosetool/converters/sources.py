@@ -96,13 +96,12 @@ def _roots(folder: Path) -> tuple[Path, ...]:
     return (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
 
 
-def inside(folder: Path, name: str, listed_in: Path) -> Path:
+def _inside(folder: Path, name: str, listed_in: Path) -> Path:
     """`folder / name`, refused when a `../`, an absolute path or a symlink would lead out of `folder`."""
-    path = folder / name
-    if not isinstance(name, str) or not name or os.path.isabs(name) \
-            or not any(root in path.resolve().parents for root in _roots(folder)):
+    if not name or os.path.isabs(name) \
+            or not any(root in (folder / name).resolve().parents for root in _roots(folder)):
         raise CheckpointError(f"{listed_in}: {name!r} leads outside the checkpoint folder {folder}; refused")
-    return path
+    return folder / name
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -120,7 +119,7 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
     if weight_map is not None:
         files = sorted(set(weight_map.values()))
         for f in files:
-            if not inside(folder, f, index).exists():
+            if not _inside(folder, f, index).exists():
                 raise CheckpointError(f"{index}: lists shard {f}, which is missing")
     else:
         files = ["model.safetensors"] if (folder / "model.safetensors").exists() else \
@@ -129,7 +128,7 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
         return None
     out: dict[str, TensorInfo] = {}
     for f in files:
-        for name, info in read_header(inside(folder, f, index if weight_map else folder))[0].items():
+        for name, info in read_header(_inside(folder, f, index if weight_map else folder))[0].items():
             if name in out:
                 raise CheckpointError(f"{info.file}: tensor {name!r} is also stored in {out[name].file.name}")
             if weight_map is not None and weight_map.get(name) != f:
@@ -190,7 +189,7 @@ def _carried_files(folder: Path) -> list[Path]:
     names = TOKENIZER_FILES + ("generation_config.json",)
     found = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
     for n in found:
-        require_regular_file(inside(folder, n, folder / n))
+        require_regular_file(_inside(folder, n, folder / n))
     return [folder / n for n in found]
 
 
