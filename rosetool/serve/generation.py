@@ -61,8 +61,11 @@ class Generation:
         self.metrics.prompt_tokens += self.prompt_tokens
 
     def abort(self) -> None:
+        """Abort every unfinished choice (the client left, or a sibling choice failed)."""
         for choice in self.choices:
             if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                self.metrics.finished["abort"] += 1
                 self.engine.abort(self._engine_id(choice.index))
 
     @property

@@ -68,9 +68,9 @@ class ServerMetrics:
             *_one("rosetool_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
             *_one("rosetool_num_preemptions_total", "counter", "Requests preempted for KV space.",
                   scheduler.num_preemptions),
-            "# HELP rosetool_request_success_total Finished requests by finish reason.",
-            "# TYPE rosetool_request_success_total counter",
-            *(f'rosetool_request_success_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())),
+            "# HELP rosetool_requests_finished_total Finished requests (choices) by finish reason.",
+            "# TYPE rosetool_requests_finished_total counter",
+            *(f'rosetool_requests_finished_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())),
         ]
         for name, kind, hist in (("rosetool_time_to_first_token_seconds", "Time to first token.", self.ttft),
                                  ("rosetool_time_per_output_token_seconds", "Time between output tokens.", self.tpot),
