@@ -43,10 +43,12 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, choice: int) -> SamplingParams:
-        """Params for choice `choice` of `n`: with a seed, each choice gets its own (seed + choice)."""
+    def check(self) -> None:
         if not 1 <= self.n <= 128:
             raise RosetoolError(f"n must be in [1, 128], got {self.n}")
+
+    def sampling_params(self, max_tokens: int, logprobs: bool, choice: int) -> SamplingParams:
+        """Params for choice `choice` of `n`: with a seed, each choice gets its own (seed + choice)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, -1),
@@ -79,6 +81,7 @@ class CompletionRequest(_Sampling):
         return list(p)
 
     def check(self) -> None:
+        super().check()
         if self.echo or self.suffix:
             raise RosetoolError("echo and suffix are not supported")
         if self.logprobs not in (None, 0):
@@ -95,6 +98,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
 
     def check(self) -> None:
+        super().check()
         if self.top_logprobs:
             raise RosetoolError("top_logprobs: only 0 is supported (the engine returns the sampled token's "
                                 "logprob, not top alternatives)")
