@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -59,4 +61,6 @@ def serve(
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+    # uvicorn re-raises SIGTERM once it has drained; by then the exit is clean, so say so (status 0).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     DrainingServer(config).run()
