@@ -118,24 +118,31 @@ def test_32_concurrent_streams_are_independent(server, default_path):
     assert asyncio.run(all_of_them()) == expected
 
 
-def test_disconnect_aborts_and_frees_blocks(server):
+def wait_for(server, check, timeout_s: float = 30) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while not check(now := metrics(server)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_disconnect_aborts_and_frees_blocks(server, stream):
     before = metrics(server)
     assert before["rosetool_kv_cache_blocks_used"] == 0
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    body = {"model": NAME, "prompt": PROMPT * 8, "max_tokens": 900, "temperature": 0, "stream": True,
+    body = {"model": NAME, "prompt": PROMPT * 8, "max_tokens": 900, "temperature": 0, "stream": stream,
             "ignore_eos": True}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    for _ in range(3):
-        assert resp.readline().startswith(b"data: ") and resp.readline() == b"\n"
-    during = metrics(server)
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        for _ in range(3):
+            assert resp.readline().startswith(b"data: ") and resp.readline() == b"\n"
+    during = wait_for(server, lambda m: m["rosetool_generation_tokens_total"] > before["rosetool_generation_tokens_total"])
     assert during["rosetool_num_requests_running"] == 1 and during["rosetool_kv_cache_blocks_used"] >= 3
     conn.sock.close()   # the client goes away mid-stream
     conn.close()
-    deadline = time.monotonic() + 30
-    while (now := metrics(server))["rosetool_kv_cache_blocks_used"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    now = wait_for(server, lambda m: m["rosetool_kv_cache_blocks_used"] == 0)
     assert now["rosetool_kv_cache_blocks_used"] == 0 and now["rosetool_num_requests_running"] == 0
     assert now['rosetool_requests_finished_total{finished_reason="abort"}'] == \
         before.get('rosetool_requests_finished_total{finished_reason="abort"}', 0) + 1

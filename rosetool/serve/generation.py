@@ -13,6 +13,8 @@ from rosetool.runtime import SamplingParams
 from rosetool.serve.engine_loop import EngineLoop, Event, Prompt
 from rosetool.serve.metrics import ServerMetrics
 
+POLL_S = 0.5
+
 
 class ClientGone(Exception):
     """The client closed the connection before the answer was complete."""
@@ -36,6 +38,7 @@ class Generation:
         self.sink: asyncio.Queue[Event] = asyncio.Queue()
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
+        self._check_at = 0.0   # when `_next` next asks whether the client is still there
 
     def _engine_id(self, index: int) -> str:
         return f"{self.request_id}-{index}"
@@ -106,12 +109,19 @@ class Generation:
             self.abort()
 
     async def _next(self, is_disconnected: Callable[[], Awaitable[bool]] | None) -> Event:
+        """The next event; with `is_disconnected`, the connection is checked every POLL_S whether
+        events keep coming (a busy request) or not (a queued one)."""
+        if is_disconnected is None:
+            return await self.sink.get()
         while True:
-            try:
-                return await asyncio.wait_for(self.sink.get(), timeout=None if is_disconnected is None else 0.5)
-            except asyncio.TimeoutError:
+            if time.perf_counter() >= self._check_at:
                 if await is_disconnected():
-                    raise ClientGone() from None
+                    raise ClientGone()
+                self._check_at = time.perf_counter() + POLL_S
+            try:
+                return await asyncio.wait_for(self.sink.get(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
 
     def _observe(self, choice: Choice, new_tokens: int) -> None:
         now = time.perf_counter()
