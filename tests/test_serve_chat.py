@@ -47,6 +47,15 @@ def test_chat_equals_transformers_streaming_or_not(chat_hf):
         assert "messages must not be empty" in info.value.body["message"]
 
 
+def test_serves_a_megatron_folder_with_the_template_it_carried(chat_hf, tmp_path, cli):
+    megatron = tmp_path / "megatron"
+    assert cli("convert", "hf-to-megatron", chat_hf, megatron, "--tp", "2").code == 0
+    expected = hf_chat_greedy(chat_hf, MESSAGES, max_new_tokens=8)
+    with ServerProcess([str(megatron), "--served-model-name", "m", "--dtype", "float32"]) as server:
+        reply = client_of(server).chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == expected
+
+
 def test_chat_template_override(chat_hf, tmp_path):
     override = tmp_path / "other.jinja"
     override.write_text(OTHER_TEMPLATE)

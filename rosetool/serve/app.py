@@ -160,8 +160,6 @@ async def _answer(gen: Generation, shape: Completions, stream: bool, include_usa
     except ClientGone:
         log.info("%s: client disconnected, request aborted", gen.request_id)
         return _error(499, "client closed the connection", "invalid_request_error")
-    except RosetoolError:
-        raise
     except Exception as exc:   # an engine failure: the request fails, the server goes on
         return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
     return shape.whole()
