@@ -185,3 +185,14 @@ def test_metrics_count_tokens_and_latencies(server, client):
     assert after["rosetool_kv_cache_blocks_used"] + after["rosetool_kv_cache_blocks_free"] == \
         after["rosetool_kv_cache_blocks_total"]
     assert 0 <= after["rosetool_prefix_cache_hit_rate"] <= 1
+
+
+def test_prefix_cache_hits_show_in_metrics(server, client):
+    shared = "A long shared system preamble about foxes, dogs and the weather in spring. " * 4
+    before = metrics(server)
+    for tail in ("First question?", "Second question?"):
+        client.completions.create(model=NAME, prompt=shared + tail, max_tokens=2, temperature=0)
+    after = metrics(server)
+    hits = after["rosetool_prefix_cache_hit_tokens_total"] - before["rosetool_prefix_cache_hit_tokens_total"]
+    assert hits >= 48   # the second request reuses the full 16-token blocks of the shared preamble
+    assert 0 < after["rosetool_prefix_cache_hit_rate"] <= 1

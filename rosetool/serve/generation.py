@@ -54,11 +54,11 @@ class Generation:
             for p, prompt in enumerate(prompts):
                 for j in range(n):
                     index = p * n + j
-                    self.choices.append(Choice(index))
                     length = await self.engine.add(self._engine_id(index), index, prompt, params(j), self.sink)
+                    self.choices.append(Choice(index))
                     if j == 0:   # a prompt shared by n choices is counted once, as OpenAI does
                         self.prompt_tokens += length
-        except BaseException:
+        except BaseException:   # the refused (or cancelled) choice never ran; abort those that did
             self.abort()
             raise
         self.metrics.prompt_tokens += self.prompt_tokens
