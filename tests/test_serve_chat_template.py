@@ -86,3 +86,10 @@ def test_generate_chat_without_template_is_a_one_line_error(cli, gpt2_hf):
     result = cli("generate", gpt2_hf, "hi", "--chat", "--max-tokens", "2")
     assert result.code == 2
     assert "no chat template" in result.err and "Traceback" not in result.err
+
+
+def test_serve_refuses_bad_model_or_template_in_one_line(cli, gpt2_hf, tmp_path):
+    for args, message in (([tmp_path / "nowhere"], "no such file or folder"),
+                          ([gpt2_hf, "--chat-template", tmp_path / "missing.jinja"], "missing.jinja: no such file")):
+        result = cli("serve", *args, "--port", "1")
+        assert result.code == 2 and message in result.err and "Traceback" not in result.err
