@@ -76,7 +76,8 @@ class Options:
 
 O = typer.Option
 FLAGS: dict[str, typer.models.OptionInfo] = {
-    "backend": O("--backend", help="rosetool (bundled runtime), hf (transformers generate) or openai (HTTP server)."),
+    "backend": O("--backend", help="rosetool (bundled runtime), hf (transformers generate), openai (HTTP server) or "
+                                        "rosetool-server (starts `rosetool serve`, benches it over HTTP, stops it)."),
     "model": O("--model", help="Local model folder: native, HF or Megatron."),
     "hf_model_id": O("--hf-model-id", help="Hub id or folder, resolved through the huggingface_hub cache."),
     "dtype": O("--dtype", help="float32, float16 or bfloat16 (default: the model's own)."),

@@ -25,7 +25,8 @@ def _check(o: Options) -> None:
         (o.batch_size >= 1 and o.max_num_seqs >= 1, "--batch-size and --max-num-seqs must be at least 1"),
         (o.request_rate > 0 and o.burstiness > 0, "--request-rate and --burstiness must be greater than 0"),
         (o.temperature >= 0, "--temperature must be >= 0"),
-        (not (o.profile and o.backend == "openai"), "--profile traces an in-process backend; not with --backend openai"),
+        (not (o.profile and o.backend in ("openai", "rosetool-server")),
+         f"--profile traces an in-process backend; not with --backend {o.backend}"),
         (o.base_url is None or o.backend == "openai", "--base-url is only used by --backend openai"),
     ]
     for ok, message in rules:

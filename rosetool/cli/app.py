@@ -14,6 +14,7 @@ from rich.markup import escape
 from ..errors import RosetoolError, RosetoolWarning
 from . import bench, convert, demo, generate, inspect, mappings, megatron, verify
 from .output import err
+from . import serve
 
 app = typer.Typer(help="Convert, verify, export and benchmark LLM checkpoints (HF, Megatron, native).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -26,6 +27,7 @@ app.command("demo")(demo.demo)
 app.command("generate")(generate.generate)
 app.command("reshard")(megatron.reshard)
 app.add_typer(bench.app, name="bench")
+app.command("serve")(serve.serve)
 convert.app.command("hf-to-megatron")(megatron.hf_to_megatron)
 convert.app.command("megatron-to-hf")(megatron.megatron_to_hf)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -29,6 +30,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Repeatable sampling."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message, rendered with the chat template."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
     from rosetool.runtime import LLM, SamplingParams
@@ -40,7 +43,14 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
-    llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
+    if chat:
+        from rosetool.converters.sources import resolve_source
+        from rosetool.serve.chat_template import chat_prompt_ids, find_chat_template
+
+        template = find_chat_template(resolve_source(model), chat_template)
+        llm.add_request(chat_prompt_ids(llm.tokenizer, template, [{"role": "user", "content": prompt}]), params)
+    else:
+        llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
     generated, reason = 0, None
     while llm.has_unfinished():
         for event in llm.step():

@@ -63,7 +63,7 @@ CONFIG_WRITERS: dict[str, Callable[[Checkpoint, torch.dtype], dict[str, Any]]] =
 
 def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
                  max_shard_size: int | None, on_tensor: Callable[[int], None] | None) -> None:
-    """Safetensors weights + config + the tokenizer and generation files the source carried."""
+    """Safetensors weights + config (+ a generation config derived from it when the source has none)."""
     sink = FolderSink(folder, plan.outputs, max_shard_size)
     try:
         execute(plan, ckpt, sink, dtype, on_tensor)
@@ -74,8 +74,6 @@ def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype 
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     config = CONFIG_WRITERS[plan.dst_format](ckpt, out_dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    for f in ckpt.extra_files:
-        shutil.copy2(f, folder / f.name)
     if not (folder / "generation_config.json").exists() and _generation_config(ckpt):
         (folder / "generation_config.json").write_text(json.dumps(_generation_config(ckpt), indent=2) + "\n")
 
@@ -101,6 +99,8 @@ def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str |
     with atomic_output(Path(dst), force, ckpt.path) as tmp:
         writer = writer or WRITERS.get(to, write_folder)
         writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
+        for f in ckpt.extra_files:   # tokenizer, chat template, generation config: every format carries them
+            shutil.copy2(f, tmp / f.name)
     fmt = ckpt.spec.format(ckpt.format)
     return ConvertResult(str(ckpt.path), str(dst), ckpt.format, to, ckpt.spec.name, len(plan.outputs), plan.nbytes,
                          time.perf_counter() - start, unknown_fields(fmt, ckpt.raw_config))

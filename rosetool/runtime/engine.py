@@ -168,4 +168,4 @@ class LLM:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
-        return StepOutput(seq.request_id, [token], reason is not None, reason, delta)
+        return StepOutput(seq.request_id, [token], reason is not None, reason, delta, logprob)

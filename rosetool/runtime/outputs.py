@@ -22,3 +22,4 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     text_delta: str | None
+    logprob: float | None = None  # of the new token, when the request asked for logprobs

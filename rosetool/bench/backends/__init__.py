@@ -21,4 +21,8 @@ def make_backend(cfg: BackendConfig) -> Backend:
         from rosetool.bench.backends.openai import OpenAIBackend
 
         return OpenAIBackend(cfg)
+    if cfg.name == "rosetool-server":
+        from rosetool.bench.backends.rosetool_server import RosetoolServerBackend
+
+        return RosetoolServerBackend(cfg)
     raise RosetoolError(f"--backend {cfg.name!r}: choose one of {', '.join(BACKENDS)}")

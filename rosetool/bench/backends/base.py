@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request, Vocab
 
-BACKENDS = ("rosetool", "hf", "openai")
+BACKENDS = ("rosetool", "hf", "openai", "rosetool-server")
 OnDone = Callable[[RequestResult], None]
 
 

@@ -20,12 +20,18 @@ FORMATS = ("megatron", "megatron_te", "megatron_legacy")
 
 
 def open_megatron(path: Path, vocab_size: int | None = None) -> Checkpoint:
+    """Tokenizer files and the chat template sit beside the iteration folders, so HF -> Megatron -> HF
+    keeps them byte for byte."""
+    from ..sources import _carried_files
     from .layout import is_torch_dist, iteration_dir
     if is_torch_dist(iteration_dir(path)[0]):
         from .dist import open_megatron_dist
-        return open_megatron_dist(path, vocab_size)
-    from .reader import open_megatron_torch
-    return open_megatron_torch(path, vocab_size)
+        ckpt = open_megatron_dist(path, vocab_size)
+    else:
+        from .reader import open_megatron_torch
+        ckpt = open_megatron_torch(path, vocab_size)
+    ckpt.extra_files = _carried_files(path)
+    return ckpt
 
 
 def make_writer(layout: Layout = SINGLE, ckpt_format: str = "torch", **kwargs: Any) -> Callable[..., None]:

@@ -1,0 +1,66 @@
+"""`rosetool serve`: the bundled runtime behind an OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve(
+    model: Optional[str] = typer.Argument(None, help="Model folder (HF, native, Megatron) or cached hub id; "
+                                                     "default: the embedded default model."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                    help="The `model` clients send (default: MODEL as given)."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template",
+                                                 help="Jinja file overriding the model's chat template."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Requests batched at once."),
+    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens", help="Tokens per engine step."),
+    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV-cache block."),
+    num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks", help="KV pool size (default: from memory)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Longest prompt + output."),
+    prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics).
+
+    SIGTERM or Ctrl-C drains: running requests finish, new ones get 503, then the process exits.
+    """
+    import uvicorn
+
+    from rosetool.converters.sources import resolve_source
+    from rosetool.runtime import LLM
+    from rosetool.serve.app import ServeState, create_app
+    from rosetool.serve.chat_template import find_chat_template
+
+    if model is None:
+        from rosetool.default_model import NAME, ensure_default_model
+
+        model, name = str(ensure_default_model()), NAME
+    else:
+        name = model
+    template = find_chat_template(resolve_source(model), chat_template)
+    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
+              max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager)
+    state = ServeState(llm, served_model_name or name, template)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+    # uvicorn re-raises SIGTERM once it has drained; by then the exit is clean, so say so (status 0).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    DrainingServer(config).run()
