@@ -17,6 +17,12 @@ def _parse_token_ids(prompt: str) -> list[int]:
         raise RosetoolError("this model has no tokenizer: give the prompt as token ids, e.g. '1 2 3'") from None
 
 
+def _has_tokenizer(model: str) -> bool:
+    from rosetool.converters.sources import resolve_source
+    from rosetool.converters.tokenizer import has_tokenizer
+    return has_tokenizer(resolve_source(model))
+
+
 def generate(
     model: str = typer.Argument(..., help="Model folder or hub id; if it is the only argument, it is "
                                           "the prompt and the embedded default model is used."),
@@ -30,12 +36,14 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
-    from rosetool.runtime import LLM, SamplingParams
-
     if prompt is None:
         from rosetool.default_model import ensure_default_model
 
         model, prompt = str(ensure_default_model()), model
+    if not _has_tokenizer(model):
+        _parse_token_ids(prompt)   # a text prompt without a tokenizer fails now, not after the model loads
+    from rosetool.runtime import LLM, SamplingParams
+
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it

@@ -74,7 +74,7 @@ def resolve_source(path_or_id: str | os.PathLike) -> Path:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{text}: not a local folder and not in the huggingface_hub cache, and the hub "
                               f"could not be reached ({reason}); download it where you have network "
-                              f"(huggingface-cli download {text}) or pass a local folder") from None
+                              f"(hf download {text}) or pass a local folder") from None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
