@@ -74,7 +74,7 @@ def test_all_requests_failing_is_an_error(stub_server, tiny_model, tmp_path):
     data.write_text('{"prompt": [13]}\n')
     result = openai_run(stub_server, tiny_model, "--workload", "jsonl", "--dataset-path", str(data))
     assert result.exit_code == 2
-    assert result.stderr.startswith("Error: all 1 requests failed on backend openai: ServerError: HTTP 500")
+    assert result.stderr.splitlines()[-1].startswith("Error: all 1 requests failed on backend openai: ServerError: HTTP 500")
 
 
 def test_unreachable_server_is_a_one_line_error(tiny_model):
