@@ -11,7 +11,7 @@ import typer
 from ..errors import RosetoolError
 from . import bench, convert, demo, generate, inspect, mappings, megatron, verify
 from .help import CONTEXT, Group, examples
-from .output import err
+from .output import err, quiet_libraries
 
 app = typer.Typer(help="Convert, verify, export and benchmark LLM checkpoints (HF, Megatron, native).",
                   cls=Group, context_settings=CONTEXT, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,7 +28,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit.")) -> None:
-    """Convert, verify, export and benchmark LLM checkpoints (HF, Megatron, native). Every command takes -h."""
+    quiet_libraries()
 
 
 app.add_typer(convert.app, name="convert")
