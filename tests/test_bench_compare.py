@@ -88,7 +88,7 @@ def test_compare_cli_warns_and_plots(tmp_path):
     for name, doc in (("a", curve), ("b", curve), ("c", OURS)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(doc))
-    png = tmp_path / "sweeps.png"   # kept for a look: pytest --basetemp
+    png = tmp_path / "sweeps.png"
     result = CliRunner().invoke(app, ["compare", str(paths[0]), str(paths[1]), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:4] == b"\x89PNG" and "warning" not in result.stderr

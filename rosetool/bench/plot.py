@@ -52,9 +52,10 @@ def throughput_latency(curves: dict[str, list[tuple[str, float, float]]], x_key:
     for name, points in curves.items():
         _curve(ax, points, name if len(curves) > 1 else None)
     ax.set(xlabel=axis_label(x_key), ylabel=axis_label(y_key), title=title)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.margins(x=0.15, y=0.15)  # room for the value labels
+    xs = [x for points in curves.values() for _, x, _ in points]
+    ys = [y for points in curves.values() for _, _, y in points]
+    ax.set_xlim(0, max(xs, default=1.0) * 1.3 or 1.0)   # from zero, with room for the value labels
+    ax.set_ylim(0, max(ys, default=1.0) * 1.2 or 1.0)
     ax.grid(True, alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize=8)
