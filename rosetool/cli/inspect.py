@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..converters.config_map import unknown_fields
+from ..converters.safetensors_io import TensorInfo
 from .output import out, print_json
 
 if TYPE_CHECKING:
@@ -36,9 +37,14 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
         "unknown_config_fields": unknown_fields(ckpt.spec.format(ckpt.format), ckpt.raw_config),
         "parameters": params, "parameters_without_vocab_padding": params - _padding(ckpt),
         "bytes": ckpt.nbytes, "info": ckpt.info, "ranks": rank_layout(ckpt),
-        "tensors": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        "tensors": [{"name": k, "shape": list(t.shape), "dtype": _dtype_name(t)}
                     for k, t in sorted(ckpt.tensors.items(), key=lambda kv: _natural(kv[0]))],
     }
+
+
+def _dtype_name(t: Any) -> str:
+    """Safetensors headers name their dtype; asking a torch dtype would import torch for nothing."""
+    return t.dtype_name if isinstance(t, TensorInfo) else str(t.dtype).removeprefix("torch.")
 
 
 def _padding(ckpt: Checkpoint) -> int:
