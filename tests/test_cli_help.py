@@ -37,8 +37,8 @@ def test_every_leaf_command_shows_an_example(cli, path: tuple[str, ...]) -> None
 
 
 def test_usage_names_arguments_in_capitals(cli) -> None:
-    assert "Usage: rosetool convert hf-to-native [OPTIONS] SRC DST" in cli("convert", "hf-to-native", "-h").out
-    assert "Usage: rosetool generate [OPTIONS] MODEL [PROMPT]" in cli("generate", "-h").out
+    assert "convert hf-to-native [OPTIONS] SRC DST" in cli("convert", "hf-to-native", "-h").out
+    assert "generate [OPTIONS] MODEL [PROMPT]" in cli("generate", "-h").out
 
 
 def test_version(cli) -> None:

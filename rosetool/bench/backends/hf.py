@@ -25,7 +25,8 @@ from rosetool.runtime.loader import load_tokenizer
 
 
 class StepClock(StoppingCriteria):
-    def __init__(self, prompt_width: int, row_limits: list[int], device: torch.device, on_tokens: OnTokens):
+    def __init__(self, prompt_width: int, row_limits: list[int], device: torch.device,
+                 on_tokens: OnTokens = no_tokens):
         self.width = prompt_width
         self.limits = torch.tensor(row_limits, device=device)
         self.sync = device.type == "cuda"
