@@ -2,7 +2,9 @@
 
 HF folders run through transformers (the reference nobody here wrote); everything else runs through
 rosetool's runtime model. Both see the same random token batch; the verdict is max |logit diff|
-against a tolerance scaled by dtype and by the logits' own magnitude.
+against a tolerance scaled by dtype and by the logits' own magnitude. By default each checkpoint runs
+at the dtype it stores and the tolerance is the lower precision's: a bf16 export of an fp32 model
+differs from it by bf16 rounding, which is correct, not a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .converters.sources import detect_format, resolve_source
+from .converters.sources import detect_format, open_checkpoint, resolve_source
 from .errors import RosetoolError
 
 # dtype -> (absolute, relative to max |logit|)
@@ -28,7 +30,9 @@ class VerifyResult:
     b: str
     runner_a: str
     runner_b: str
-    dtype: str
+    dtype: str          # the lower precision of the two: the one the tolerance follows
+    dtype_a: str
+    dtype_b: str
     tokens: list[int]
     max_abs_diff: float
     mean_abs_diff: float
@@ -61,10 +65,29 @@ def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forw
     return model, model.args.vocab_size, model.args.max_position_embeddings, "rosetool"
 
 
-def verify(a: str, b: str, dtype: torch.dtype = torch.float32, device: str = "cpu", batch: int = 2,
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype most of a checkpoint's tensors hold (read from headers, nothing loaded);
+    float32 where it holds none the runtime computes in."""
+    counts: dict[torch.dtype, int] = {}
+    for t in open_checkpoint(path).tensors.values():
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    held = [d for d in sorted(counts, key=counts.__getitem__, reverse=True) if d in TOLERANCES]
+    return held[0] if held else torch.float32
+
+
+def lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """bfloat16 < float16 < float32, ordered by the tolerance each needs."""
+    return max(a, b, key=lambda d: TOLERANCES[d][0])
+
+
+def verify(a: str, b: str, dtype: torch.dtype | None = None, device: str = "cpu", batch: int = 2,
            seq_len: int = 32, seed: int = 0, atol: float | None = None) -> VerifyResult:
-    fa, va, pa, ra = load_forward(a, dtype, device)
-    fb, vb, pb, rb = load_forward(b, dtype, device)
+    """`dtype` None: each checkpoint at the dtype it stores; otherwise both cast to `dtype`."""
+    path_a, path_b = resolve_source(a), resolve_source(b)   # both exist before either loads
+    dtype_a = dtype or stored_dtype(path_a)
+    dtype_b = dtype or stored_dtype(path_b)
+    fa, va, pa, ra = load_forward(str(path_a), dtype_a, device)
+    fb, vb, pb, rb = load_forward(str(path_b), dtype_b, device)
     if va != vb:
         raise RosetoolError(f"vocabulary sizes differ: {a} has {va}, {b} has {vb}")
     seq_len = min(seq_len, pa, pb)
@@ -73,8 +96,10 @@ def verify(a: str, b: str, dtype: torch.dtype = torch.float32, device: str = "cp
         la, lb = fa(tokens).float(), fb(tokens).float()
     diff = (la - lb).abs()
     scale = la.abs().max().item()
-    tol_abs, tol_rel = TOLERANCES[dtype]
+    low = lower_precision(dtype_a, dtype_b)
+    tol_abs, tol_rel = TOLERANCES[low]
     tol = atol if atol is not None else tol_abs + tol_rel * scale
     agree = (la.argmax(-1) == lb.argmax(-1)).float().mean().item()
-    return VerifyResult(str(a), str(b), ra, rb, str(dtype).removeprefix("torch."), [batch, seq_len],
+    names = [str(d).removeprefix("torch.") for d in (low, dtype_a, dtype_b)]
+    return VerifyResult(str(a), str(b), ra, rb, *names, [batch, seq_len],
                         diff.max().item(), diff.mean().item(), scale, tol, agree, diff.max().item() <= tol)

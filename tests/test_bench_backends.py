@@ -74,7 +74,7 @@ def test_all_requests_failing_is_an_error(stub_server, tiny_model, tmp_path):
     data.write_text('{"prompt": [13]}\n')
     result = openai_run(stub_server, tiny_model, "--workload", "jsonl", "--dataset-path", str(data))
     assert result.exit_code == 2
-    assert result.stderr.startswith("Error: all 1 requests failed on backend openai: ServerError: HTTP 500")
+    assert result.stderr.splitlines()[-1].startswith("Error: all 1 requests failed on backend openai: ServerError: HTTP 500")
 
 
 def test_unreachable_server_is_a_one_line_error(tiny_model):
@@ -126,10 +126,12 @@ def test_admission_batch_cap_does_not_delay_sent_time():
 
 
 def test_step_clock_stamps_each_step_and_stops_rows_at_their_length():
-    clock = StepClock(prompt_width=4, row_limits=[1, 3], device=torch.device("cpu"))
+    counted: list[int] = []
+    clock = StepClock(prompt_width=4, row_limits=[1, 3], device=torch.device("cpu"), on_tokens=counted.append)
     first = clock(torch.zeros(2, 5, dtype=torch.long), None)
     third = clock(torch.zeros(2, 7, dtype=torch.long), None)
     assert first.tolist() == [True, False] and third.tolist() == [True, True]
+    assert counted == [2, 1]   # both rows' first tokens, then only the row still generating
     assert len(clock.times) == 2 and clock.times[0] <= clock.times[1]
 
 

@@ -143,7 +143,7 @@ def test_compare_reads_saved_results(tiny_model, tmp_path):
     (["offline", "--profile", "p", "--backend", "openai", "--base-url", "http://x"], "--profile"),
     (["--mode", "turbo"], "--mode 'turbo'"),
     (["--backend", "hf", "offline"], "put --backend after the subcommand"),
-    (["sweep"], "exactly one of"),
+    (["sweep", "--concurrency", "1", "--batch-size", "2"], "sweep takes one of"),
     (["sweep", "--concurrency", "1,x"], "--concurrency"),
     (["compare", "only.json"], "at least two"),
 ])

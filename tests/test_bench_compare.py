@@ -57,3 +57,50 @@ def test_labels_disambiguate_equal_stems(tmp_path):
     a, b = tmp_path / "x" / "r.json", tmp_path / "y" / "r.json"
     assert compare.labels([tmp_path / "a.json", tmp_path / "b.json"]) == ["a", "b"]
     assert compare.labels([a, b]) == [str(a), str(b)]
+
+
+def test_each_metric_says_which_direction_is_better():
+    assert compare.better("request_throughput") == "higher" and compare.better("online.output_throughput") == "higher"
+    assert compare.better("concurrency=8.mean_ttft_ms") == "lower" and compare.better("duration") == "lower"
+    assert compare.better("failed") == "lower" and compare.better("request_goodput") == "higher"
+    rows = {r["metric"]: r["better"] for r in compare.rows([OURS, VLLM], show_all=False)}
+    assert rows == {"request_throughput": "higher", "mean_ttft_ms": "lower"}
+
+
+def test_different_modes_or_workloads_are_flagged_incomparable():
+    sized = {**OURS, "config": {"workload": {"num_prompts": 8, "input_len": 32, "output_len": 16}}}
+    bigger = {**sized, "config": {"workload": {"num_prompts": 32, "input_len": 128, "output_len": 64}}}
+    assert compare.incomparable(["a", "b"], [sized, sized]) == []
+    [warning] = compare.incomparable(["a", "b", "c"], [sized, sized, bigger])
+    assert warning.startswith("c measured online, 32 prompts") and "not comparable" in warning
+    assert "sweep over concurrency" in compare.incomparable(["a", "b"], [OURS, SWEEP])[0]
+
+
+def test_compare_cli_warns_and_plots(tmp_path):
+    from typer.testing import CliRunner
+
+    from rosetool.cli.bench import app
+    curve = {"mode": "sweep", "sweep": {"parameter": "concurrency", "command": "online"}, "model_id": "m",
+             "backend": "rosetool", "date": "2026-11-23T21:00:00", "environment": {"device": "cpu"},
+             "points": [{"concurrency": c, "output_throughput": 10.0 * c, "median_e2el_ms": 100.0 + c,
+                         "request_throughput": 1.0 * c} for c in (1, 4, 16)]}
+    paths = []
+    for name, doc in (("a", curve), ("b", curve), ("c", OURS)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(doc))
+    png = tmp_path / "sweeps.png"
+    result = CliRunner().invoke(app, ["compare", str(paths[0]), str(paths[1]), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:4] == b"\x89PNG" and "warning" not in result.stderr
+    assert "better" in result.stdout and "higher" in result.stdout and "lower" in result.stdout
+    png = tmp_path / "ratios.png"
+    result = CliRunner().invoke(app, ["compare", str(paths[2]), str(paths[0]), "--plot", str(png)])
+    assert result.exit_code == 0 and png.exists()
+    assert "warning:" in result.stderr and "not comparable" in result.stderr
+
+
+def test_plot_axes_are_words_with_units():
+    from rosetool.bench.plot import axis_label
+    assert axis_label("median_e2el_ms") == "median end-to-end latency (ms)"
+    assert axis_label("output_throughput") == "output throughput (tokens/s)"
+    assert axis_label("p99_itl_ms") == "p99 itl (ms)"

@@ -23,7 +23,7 @@ class FakeBackend:
         self.vocab = Vocab(size=64)
         self.calls: list[tuple[list[Request], Schedule]] = []
 
-    def run(self, requests, schedule, on_done):
+    def run(self, requests, schedule, on_done, on_tokens=lambda n: None):
         self.calls.append((requests, schedule))
         now = time.perf_counter()
         results = []
@@ -32,6 +32,7 @@ class FakeBackend:
             stamps = [now + 0.001 * (k + 1) for k in range(r.output_len)] if ok else []
             result = RequestResult(r.prompt_len, start=now, end=stamps[-1] if ok else now, token_times=stamps,
                                    output_tokens=len(stamps), success=ok, error="" if ok else "refused")
+            on_tokens(len(stamps))
             on_done(result)
             results.append(result)
         return results

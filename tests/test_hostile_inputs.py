@@ -679,4 +679,6 @@ def test_library_warnings_do_not_reach_the_user(bases, tmp_path, cli, monkeypatc
     res = cli(*TO_NATIVE, bases["hf"], tmp_path / "dst")
     assert res.code == 0 and "Warning" not in res.err and "TypedStorage" not in res.err, res.err
     res = cli("convert", "megatron-to-hf", bases["dist"], tmp_path / "dst2")
-    assert res.code == 0 and "arn" not in res.err, res.err
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    # the only line allowed is rosetool's own note that the export carries no tokenizer
+    assert res.code == 0 and all(line.startswith("warning:") and "no tokenizer files" in line for line in lines), res.err

@@ -177,10 +177,10 @@ def bench_command(*groups: list[str]) -> Callable[[Callable[[typer.Context, Opti
 
 def flags_given(o: Options) -> list[str]:
     """Flags whose value differs from the default: what the user actually set."""
-    return [_flag(f.name) for f in fields(Options) if getattr(o, f.name) != f.default]
+    return [flag_name(f.name) for f in fields(Options) if getattr(o, f.name) != f.default]
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     """In `Annotated` style Typer keeps the first declaration in `default`."""
     info = FLAGS[name]
     return str((info.param_decls or (info.default,))[0]).split("/")[0]

@@ -23,6 +23,32 @@ HEADLINE = {
 }
 
 
+LOWER_IS_BETTER = ("_ms", "duration", "failed")
+
+
+def better(metric: str) -> str:
+    """Which direction is an improvement: latencies, durations and failures down, throughputs up."""
+    name = metric.rsplit(".", 1)[-1]
+    return "lower" if name.endswith(LOWER_IS_BETTER) else "higher"
+
+
+def kind(doc: dict[str, Any]) -> str:
+    """What a result measured: its mode (a sweep: over which parameter), and the workload size."""
+    mode = doc.get("mode", "?")
+    if mode == "sweep":
+        mode = f"sweep over {doc.get('sweep', {}).get('parameter')}"
+    w = doc.get("config", {}).get("workload", {})
+    size = f"{w.get('num_prompts')} prompts x {w.get('input_len')} in / {w.get('output_len')} out" if w else ""
+    return f"{mode}, {size}" if size else mode
+
+
+def incomparable(names: list[str], docs: list[dict[str, Any]]) -> list[str]:
+    """One warning per file whose mode or workload differs from the first file's."""
+    base = kind(docs[0])
+    return [f"{name} measured {kind(doc)}; {names[0]} measured {base}: their numbers are not comparable"
+            for name, doc in zip(names[1:], docs[1:]) if kind(doc) != base]
+
+
 def _numbers(doc: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in doc.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -56,21 +82,31 @@ def rows(docs: list[dict[str, Any]], show_all: bool) -> list[dict[str, Any]]:
         values = [flat.get(key) for flat in flats]
         base = values[0]
         ratios = [v / base if v is not None and base else None for v in values[1:]]
-        out.append({"metric": key, "values": values, "ratios": ratios})
+        out.append({"metric": key, "better": better(key), "values": values, "ratios": ratios})
     return out
 
 
 def table(names: list[str], data: list[dict[str, Any]]) -> Table:
-    out = Table(title="compare (ratio = file / first file)")
+    out = Table(title="compare (ratio = file / first file; green: better, red: worse)")
     out.add_column("metric")
+    out.add_column("better")
     for name in names:
         out.add_column(name, justify="right")
     for name in names[1:]:
         out.add_column(f"{name} / {names[0]}", justify="right")
     for row in data:
-        ratios = [f"{r:.3f}x" if r is not None else "-" for r in row["ratios"]]
-        out.add_row(row["metric"], *(fmt(v) for v in row["values"]), *ratios)
+        ratios = [_ratio(r, row["better"]) for r in row["ratios"]]
+        out.add_row(row["metric"], row["better"], *(fmt(v) for v in row["values"]), *ratios)
     return out
+
+
+def _ratio(r: float | None, direction: str) -> str:
+    if r is None:
+        return "-"
+    if r == 1.0:
+        return f"{r:.3f}x"
+    good = (r > 1.0) == (direction == "higher")
+    return f"[{'green' if good else 'red'}]{r:.3f}x[/]"
 
 
 def labels(paths: list[Path]) -> list[str]:

@@ -62,6 +62,12 @@ def header(command: str, backend: str, model_id: str, config: dict[str, Any]) ->
     }
 
 
+def describe(head: dict[str, Any]) -> str:
+    """Model, backend, device and date: what every table and plot title names."""
+    device = head.get("environment", {}).get("device", "?")
+    return f"{head.get('model_id')} · {head.get('backend')} · {device} · {str(head.get('date', ''))[:10]}"
+
+
 def mode_document(result: ModeResult, detailed: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {"mode": result.mode, **result.metrics}
     if result.runs:
@@ -118,10 +124,10 @@ def fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def mode_table(result: ModeResult) -> Table:
+def mode_table(result: ModeResult, about: str) -> Table:
     """Repeated runs show median and mean side by side; a single run shows its value."""
     title = f"{result.mode} ({len(result.runs)} runs)" if result.runs else result.mode
-    table = Table(title=title)
+    table = Table(title=f"{title}: {about}")
     table.add_column("metric")
     if result.runs:
         table.add_column("median", justify="right")
@@ -148,7 +154,7 @@ def summary_table(results: list[ModeResult], title: str) -> Table:
 
 def print_results(console: Console, results: list[ModeResult], title: str) -> None:
     for result in results:
-        console.print(mode_table(result))
+        console.print(mode_table(result, title))
         if result.first_error:
             console.print(f"[yellow]{result.metrics.get('failed', 'some')} request(s) failed; first: {result.first_error}")
     if len(results) > 1:

@@ -88,6 +88,10 @@ class Runner:
         self._first_error = ""
         self._passes = 0
 
+    def passes(self, mode: str) -> int:
+        """Passes `run(mode)` makes, warm-ups included: what progress needs for an ETA."""
+        return self.settings.warmup + (1 if mode == "online" else self.settings.runs)
+
     def run(self, mode: str) -> ModeResult:
         self._first_error = ""
         if mode == "naive":
@@ -103,9 +107,10 @@ class Runner:
               profile: bool = False) -> tuple[list[RequestResult], float, float]:
         """One pass over the requests: results, start stamp and wall duration."""
         trace_dir = self.settings.profile_dir if profile else None
-        with self.progress.task(label, len(requests)) as advance, profiling(trace_dir, label.split()[0]):
+        tokens = sum(r.output_len for r in requests)
+        with self.progress.task(label, len(requests), tokens) as progress, profiling(trace_dir, label.split()[0]):
             start = time.perf_counter()
-            results = self.backend.run(requests, schedule, advance)
+            results = self.backend.run(requests, schedule, progress.done, progress.tokens)
             duration = time.perf_counter() - start
         failed = [r for r in results if not r.success]
         if failed and len(failed) == len(results):

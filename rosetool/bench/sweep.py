@@ -43,10 +43,17 @@ def parse_values(axis: Axis, text: str) -> list[Any]:
     return values
 
 
+DEFAULT_SWEEP = ("concurrency", "1,4,16")
+
+
 def pick_axis(lists: dict[str, str | None]) -> tuple[str, Axis, str]:
+    """The one list given; none given: the default concurrency sweep."""
     given = [(name, text) for name, text in lists.items() if text]
+    if not given:
+        given = [DEFAULT_SWEEP]
     if len(given) != 1:
-        raise RosetoolError("sweep needs exactly one of --concurrency, --request-rate, --batch-size")
+        raise RosetoolError("sweep takes one of --concurrency, --request-rate, --batch-size (default: "
+                            f"--{DEFAULT_SWEEP[0]} {DEFAULT_SWEEP[1]})")
     name, text = given[0]
     return name, AXES[name], text
 
@@ -72,9 +79,16 @@ def plot_points(name: str, axis: Axis, values: list[Any], results: list[ModeResu
     return [(f"{name}={v}", r.metrics["output_throughput"], r.metrics[axis.latency_key]) for v, r in zip(values, results)]
 
 
-def sweep_table(name: str, values: list[Any], results: list[ModeResult]) -> Table:
+def saved_curve(doc: dict[str, Any]) -> tuple[list[tuple[str, float, float]], str]:
+    """A saved sweep's points (label, output tokens/s, latency) and the latency metric they use."""
+    name = doc["sweep"]["parameter"]
+    key = AXES[name].latency_key
+    return [(f"{name}={p[name]}", p["output_throughput"], p[key]) for p in doc["points"]], key
+
+
+def sweep_table(name: str, values: list[Any], results: list[ModeResult], about: str) -> Table:
     keys = [k for k in TABLE_COLUMNS if k in results[0].metrics]
-    table = Table(title=f"sweep over {name}")
+    table = Table(title=f"sweep over {name}: {about}")
     table.add_column(name, justify="right")
     for key in keys:
         table.add_column(TABLE_COLUMNS[key], justify="right")

@@ -13,23 +13,46 @@ from rich.markup import escape
 
 from ..errors import RosetoolError, RosetoolWarning
 from . import bench, convert, demo, generate, inspect, mappings, megatron, verify
-from .output import err
 from . import serve
+from .help import CONTEXT, Group, examples
+from .output import err, quiet_libraries
 
 app = typer.Typer(help="Convert, verify, export and benchmark LLM checkpoints (HF, Megatron, native).",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  cls=Group, context_settings=CONTEXT, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+        typer.echo(f"rosetool {version('rosetool')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit.")) -> None:
+    quiet_libraries()
+
+
 app.add_typer(convert.app, name="convert")
 app.add_typer(mappings.app, name="mappings")
-app.command("export-hf")(convert.export_hf)
-app.command("inspect")(inspect.inspect)
-app.command("verify")(verify.verify)
-app.command("demo")(demo.demo)
-app.command("generate")(generate.generate)
-app.command("reshard")(megatron.reshard)
+app.command("export-hf", **examples("rosetool export-hf ./megatron-ckpt ./hf-out --tokenizer ./tokenizer",
+                                    "rosetool export-hf ./native ./hf-out --dtype bfloat16"))(convert.export_hf)
+app.command("inspect", **examples("rosetool inspect ./gpt2", "rosetool inspect ./megatron-ckpt --json"))(inspect.inspect)
+app.command("verify", **examples("rosetool verify ./gpt2 ./gpt2-bf16",
+                                 "rosetool verify ./gpt2 ./native --atol 1e-3"))(verify.verify)
+app.command("demo", **examples("rosetool demo", "rosetool demo --workdir ./demo-out"))(demo.demo)
+app.command("generate", **examples('rosetool generate "Hello world"',
+                                   'rosetool generate ./native "Once upon a time" --temperature 0'))(generate.generate)
+app.command("reshard", **examples("rosetool reshard ./mcore-tp1 ./mcore-tp2 --tp 2"))(megatron.reshard)
 app.add_typer(bench.app, name="bench")
-app.command("serve")(serve.serve)
-convert.app.command("hf-to-megatron")(megatron.hf_to_megatron)
-convert.app.command("megatron-to-hf")(megatron.megatron_to_hf)
+app.command("serve", **examples("rosetool serve", "rosetool serve ./native --port 8000 --chat-template ./chat.jinja"))(serve.serve)
+convert.app.command("hf-to-megatron", **examples("rosetool convert hf-to-megatron ./llama ./mcore --tp 2 --pp 2",
+                                                 "rosetool convert hf-to-megatron ./llama ./mcore --format torch_dist"))(
+    megatron.hf_to_megatron)
+convert.app.command("megatron-to-hf", **examples("rosetool convert megatron-to-hf ./mcore ./hf-out --tokenizer ./llama"))(
+    megatron.megatron_to_hf)
 
 # typer 0.29 raises its bundled click's exceptions; plain click's are caught too for code that raises them.
 _EXITS = (typer.Exit, click.exceptions.Exit)

@@ -1,19 +1,25 @@
-"""`rosetool convert ...` and `rosetool export-hf`: one runner, a command per direction."""
+"""`rosetool convert ...` and `rosetool export-hf`: one runner, a command per direction.
+
+Converter modules import torch, so they are imported inside the commands: `--help` stays instant.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.table import Table
 
-from ..converters.api import ConvertResult, convert
-from ..converters.sinks import parse_size
-from ..converters.sources import Checkpoint
+from ..errors import RosetoolError
+from .help import examples, sub_app
 from .output import byte_progress, err, out, print_json
 
-app = typer.Typer(help="Convert checkpoints between HF, native and Megatron layouts.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from ..converters.api import ConvertResult
+    from ..converters.sources import Checkpoint
+
+app = sub_app("Convert checkpoints between HF, native and Megatron layouts.")
 
 Src = typer.Argument(..., help="Source checkpoint folder (or an HF hub id already in the local cache).")
 Dst = typer.Argument(..., help="Destination folder; must not exist or be empty (see --force).")
@@ -23,18 +29,43 @@ ForceOpt = typer.Option(False, "--force", help="Replace a non-empty destination;
                          "symlink has the link itself replaced, never what it points to.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 StrictOpt = typer.Option(False, "--strict", help="Refuse a source with NaN/Inf weights (default: warn, naming them).")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="Folder or cached hub id whose tokenizer files (and "
+                            "generation_config.json, if the source has none) go into the output; its vocabulary "
+                            "must fit the embedding.")
+
+
+def open_expecting(src: str, expected: str) -> Checkpoint:
+    """Open `src` and refuse a direction that does not match what it is (e.g. native-to-hf on an HF folder)."""
+    from ..converters.sources import open_checkpoint
+    ckpt = open_checkpoint(src)
+    if ckpt.format != expected:
+        raise RosetoolError(f"{ckpt.path} is already a {ckpt.format} checkpoint, not {expected}: "
+                            f"use `rosetool convert {ckpt.format}-to-...` or `rosetool export-hf`")
+    return ckpt
 
 
 def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
                    force: bool, as_json: bool, params: Optional[dict[str, Any]] = None,
-                   writer: Optional[Callable[..., None]] = None, strict: bool = False) -> ConvertResult:
+                   writer: Optional[Callable[..., None]] = None, tokenizer: Optional[str] = None,
+                   strict: bool = False) -> ConvertResult:
     """Shared by every direction: progress bar while streaming, a summary table at the end."""
+    from ..converters.api import convert
+    from ..converters.sinks import parse_size
+    from ..converters.sources import open_checkpoint
+    from ..converters.tokenizer import attach_tokenizer, has_tokenizer
+
     shard = parse_size(max_shard_size) if max_shard_size else None
+    ckpt = src if not isinstance(src, str) else open_checkpoint(src)
+    if tokenizer is not None:
+        attach_tokenizer(ckpt, tokenizer)   # checked before a byte is converted
     with byte_progress(f"converting to {to}") as (set_total, advance):
-        result = convert(src, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
+        result = convert(ckpt, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
                          on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer,
                          strict=strict)
     report(result, as_json)
+    if to == "hf" and not has_tokenizer(Path(dst)):
+        err.print(f"[yellow]warning:[/] {dst} has no tokenizer files; vLLM and AutoTokenizer need them: "
+                  f"pass --tokenizer PATH_OR_HUB_ID", highlight=False, soft_wrap=True)
     return result
 
 
@@ -53,24 +84,27 @@ def report(result: ConvertResult, as_json: bool) -> None:
                   f"{', '.join(result.unknown_config)}")
 
 
-@app.command("hf-to-native")
+@app.command("hf-to-native", **examples("rosetool convert hf-to-native ./llama ./llama-native",
+                                        "rosetool convert hf-to-native ./llama ./native --dtype bfloat16"))
 def hf_to_native(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
                  max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
                  strict: bool = StrictOpt) -> None:
     """HF folder (safetensors or pytorch_model.bin, sharded or not) -> native runtime folder."""
-    run_conversion(src, dst, "native", dtype, max_shard_size, force, as_json, strict=strict)
+    run_conversion(open_expecting(src, "hf"), dst, "native", dtype, max_shard_size, force, as_json, strict=strict)
 
 
-@app.command("native-to-hf")
+@app.command("native-to-hf", **examples("rosetool convert native-to-hf ./native ./hf-out",
+                                        "rosetool convert native-to-hf ./native ./hf-out --tokenizer ./llama"))
 def native_to_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
-                 max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
-                 strict: bool = StrictOpt) -> None:
+                 max_shard_size: Optional[str] = ShardOpt, tokenizer: Optional[str] = TokenizerOpt,
+                 force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
     """Native runtime folder -> HF folder (config, generation config, tokenizer, safetensors)."""
-    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, strict=strict)
+    run_conversion(open_expecting(src, "native"), dst, "hf", dtype, max_shard_size, force, as_json,
+                   tokenizer=tokenizer, strict=strict)
 
 
 def export_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
-              max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
-              strict: bool = StrictOpt) -> None:
+              max_shard_size: Optional[str] = ShardOpt, tokenizer: Optional[str] = TokenizerOpt,
+              force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
     """Any supported checkpoint -> an HF folder that transformers and vLLM load as is."""
-    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, strict=strict)
+    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, tokenizer=tokenizer, strict=strict)

@@ -10,15 +10,16 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..converters.api import convert
-from ..default_model import ensure_default_model
-from ..verify import verify
 from .output import err, out
 
 
 def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the outputs here (default: a temp folder)."),
          prompt: str = typer.Option("Hello world", "--prompt", help="Prompt for the generation step.")) -> None:
     """Build a small GPT-2 from a fixed seed, convert it HF -> native -> HF, verify logits, generate."""
+    from ..converters.api import convert
+    from ..default_model import ensure_default_model
+    from ..verify import verify
+
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = workdir or Path(tmp)

@@ -19,6 +19,12 @@ def _parse_token_ids(prompt: str) -> list[int]:
         raise RosetoolError("this model has no tokenizer: give the prompt as token ids, e.g. '1 2 3'") from None
 
 
+def _has_tokenizer(model: str) -> bool:
+    from rosetool.converters.sources import resolve_source
+    from rosetool.converters.tokenizer import has_tokenizer
+    return has_tokenizer(resolve_source(model))
+
+
 def generate(
     model: str = typer.Argument(..., help="Model folder or hub id; if it is the only argument, it is "
                                           "the prompt and the embedded default model is used."),
@@ -34,20 +40,31 @@ def generate(
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
-    from rosetool.runtime import LLM, SamplingParams
-
     if prompt is None:
         from rosetool.default_model import ensure_default_model
 
         model, prompt = str(ensure_default_model()), model
+    template = None
+    if chat:   # template and tokenizer are checked before the model loads
+        from rosetool.converters.sources import resolve_source
+        from rosetool.serve.chat_template import find_chat_template
+
+        template = find_chat_template(resolve_source(model), chat_template)
+        if template is None:
+            raise RosetoolError("this model has no chat template (tokenizer_config.json or chat_template.jinja); "
+                                "pass one with --chat-template FILE")
+        if not _has_tokenizer(model):
+            raise RosetoolError("this model has no tokenizer, so it cannot render chat messages")
+    elif not _has_tokenizer(model):
+        _parse_token_ids(prompt)   # a text prompt without a tokenizer fails now, not after the model loads
+    from rosetool.runtime import LLM, SamplingParams
+
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
     if chat:
-        from rosetool.converters.sources import resolve_source
-        from rosetool.serve.chat_template import chat_prompt_ids, find_chat_template
+        from rosetool.serve.chat_template import chat_prompt_ids
 
-        template = find_chat_template(resolve_source(model), chat_template)
         llm.add_request(chat_prompt_ids(llm.tokenizer, template, [{"role": "user", "content": prompt}]), params)
     else:
         llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)

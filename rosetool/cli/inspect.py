@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from ..converters.config_map import unknown_fields
-from ..converters.sources import Checkpoint, open_checkpoint
+from ..converters.safetensors_io import TensorInfo
 from .output import out, print_json
+
+if TYPE_CHECKING:
+    from ..converters.sources import Checkpoint
+
+_RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?")
 
 
 def summary(ckpt: Checkpoint) -> dict[str, Any]:
@@ -28,33 +35,98 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
         "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.spec.name,
         "family": ckpt.spec.family, "config": cfg, "derived": family,
         "unknown_config_fields": unknown_fields(ckpt.spec.format(ckpt.format), ckpt.raw_config),
-        "parameters": params, "bytes": ckpt.nbytes, "info": ckpt.info,
-        "tensors": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        "parameters": params, "parameters_without_vocab_padding": params - _padding(ckpt),
+        "bytes": ckpt.nbytes, "info": ckpt.info, "ranks": rank_layout(ckpt),
+        "tensors": [{"name": k, "shape": list(t.shape), "dtype": _dtype_name(t)}
                     for k, t in sorted(ckpt.tensors.items(), key=lambda kv: _natural(kv[0]))],
     }
 
+
+def _dtype_name(t: Any) -> str:
+    """Safetensors headers name their dtype; asking a torch dtype would import torch for nothing."""
+    return t.dtype_name if isinstance(t, TensorInfo) else str(t.dtype).removeprefix("torch.")
+
+
+def _padding(ckpt: Checkpoint) -> int:
+    """Parameters in the rows Megatron adds to the vocabulary (to a multiple of 128 x TP): not the model's."""
+    padded = ckpt.info.get("params", {}).get("padded_vocab_size")
+    vocab = ckpt.config["vocab_size"]
+    if not padded or padded <= vocab:
+        return 0
+    return sum((padded - vocab) * math.prod(t.shape[1:]) for t in ckpt.tensors.values()
+               if t.shape and t.shape[0] == padded)
+
+
+def rank_layout(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """One row per file of a Megatron checkpoint: its TP rank and PP stage (torch format), tensors, bytes."""
+    ranks = ckpt.info.get("ranks")
+    if ranks is not None:
+        rows = []
+        for rel, shapes in ranks.items():
+            m = _RANK.search(rel)
+            rows.append({"file": rel, "tp": int(m.group(1)) if m else None,
+                         "pp": int(m.group(2) or 0) if m else None, "tensors": len(shapes),
+                         "bytes": (Path(ckpt.path) / rel).stat().st_size})
+        return rows
+    if ckpt.info.get("megatron", {}).get("format") == "torch_dist":
+        folder = next(iter(ckpt.tensors.values())).file.parent
+        return [{"file": str(f.relative_to(ckpt.path)), "tp": None, "pp": None, "tensors": None,
+                 "bytes": f.stat().st_size} for f in sorted(folder.iterdir()) if f.is_file()]
+    return []
 
 
 def _natural(key: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
+def _parallel(data: dict[str, Any]) -> str:
+    args = data["info"].get("megatron", {}).get("args", {})
+    sizes = [f"TP={args.get('tensor_model_parallel_size') or 1}", f"PP={args.get('pipeline_model_parallel_size') or 1}"]
+    ep = args.get("expert_model_parallel_size")
+    return " x ".join(sizes + ([f"EP={ep}"] if ep and ep > 1 else []))
+
+
+def _print_megatron(data: dict[str, Any]) -> None:
+    meg = data["info"]["megatron"]
+    args = Table("Megatron arg", "value", title=f"Megatron {meg['format']} checkpoint, keys {meg['layout']}, "
+                 f"iteration {data['info'].get('iteration')}, {_parallel(data)}")
+    for k, v in meg.get("args", {}).items():
+        args.add_row(k, str(v))
+    out.print(args)
+    if not data["ranks"]:
+        return
+    ranks = Table("file", "TP rank", "PP stage", "tensors", "bytes", title=f"rank layout: {_parallel(data)}, "
+                  f"{len(data['ranks'])} files")
+    for r in data["ranks"]:
+        ranks.add_row(r["file"], *("-" if r[k] is None else str(r[k]) for k in ("tp", "pp", "tensors")),
+                      f"{r['bytes']:,}")
+    ranks.add_row("total", "", "", "", f"{sum(r['bytes'] for r in data['ranks']):,}")
+    out.print(ranks)
+
+
 def inspect(path: str = typer.Argument(..., help="Checkpoint folder (HF, native or Megatron) or cached hub id."),
             as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
             all_tensors: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40).")) -> None:
-    """Detected format and architecture, config summary, tensor table, parameter count and bytes."""
+    """Format, architecture, config, tensors, parameters and bytes; Megatron: rank layout and vocab padding."""
+    from ..converters.sources import open_checkpoint
     data = summary(open_checkpoint(path))
     if as_json:
         print_json(data)
         return
+    padding = data["parameters"] - data["parameters_without_vocab_padding"]
+    params = f"{data['parameters']:,}" + (f" ({data['parameters_without_vocab_padding']:,} without "
+                                          f"{padding:,} in vocabulary padding)" if padding else "")
     head = Table(title=f"{data['path']}", show_header=False)
+    scalar_info = [(k, v) for k, v in data["info"].items() if not isinstance(v, dict)]
     for k, v in [("format", data["format"]), ("architecture", f"{data['architecture']} ({data['family']} family)"),
-                 *data["derived"].items(), ("parameters", f"{data['parameters']:,}"), ("bytes", f"{data['bytes']:,}"),
-                 *[(k, str(v)) for k, v in data["info"].items()]]:
+                 *data["derived"].items(), ("parameters", params), ("bytes", f"{data['bytes']:,}"),
+                 *scalar_info, *data["info"].get("params", {}).items()]:
         head.add_row(k, str(v))
     if data["unknown_config_fields"]:
         head.add_row("unmapped config", ", ".join(data["unknown_config_fields"]))
     out.print(head)
+    if "megatron" in data["info"]:
+        _print_megatron(data)
     cfg = Table("field", "value", title="canonical config")
     for k, v in data["config"].items():
         cfg.add_row(k, str(v))

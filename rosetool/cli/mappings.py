@@ -6,12 +6,13 @@ import typer
 from rich.table import Table
 
 from ..mappings.spec import all_specs, get_spec
+from .help import examples, sub_app
 from .output import out, print_json
 
-app = typer.Typer(help="List and show the declarative mapping specs.", no_args_is_help=True)
+app = sub_app("List and show the declarative mapping specs.")
 
 
-@app.command("list")
+@app.command("list", **examples("rosetool mappings list", "rosetool mappings list --json"))
 def list_specs(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Every architecture variant, its spec file, HF class and formats."""
     rows = [{"name": s.name, "family": s.family, "file": s.file, "hf_architecture": s.architecture,
@@ -25,7 +26,7 @@ def list_specs(as_json: bool = typer.Option(False, "--json", help="Print as JSON
     out.print(table)
 
 
-@app.command("show")
+@app.command("show", **examples("rosetool mappings show llama", "rosetool mappings show gpt2 --format hf"))
 def show(name: str = typer.Argument(..., help="Architecture name, e.g. gpt2, llama, qwen3."),
          fmt: str = typer.Option(None, "--format", help="Show only this format's tensors."),
          as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from ..converters.api import ConvertResult
 from ..converters.megatron import Layout, is_megatron, make_writer, open_megatron
 from ..converters.megatron.layout import TRACKER
-from ..converters.sources import Checkpoint, resolve_source
 from ..errors import RosetoolError
-from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, run_conversion
+from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, TokenizerOpt, run_conversion
+
+if TYPE_CHECKING:
+    from ..converters.api import ConvertResult
+    from ..converters.sources import Checkpoint
 
 TpOpt = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the output.")
 PpOpt = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the output (layers split evenly).")
@@ -20,13 +23,15 @@ VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim t
 
 
 def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bool, as_json: bool,
-         layout: Layout | None = None, max_shard_size: str | None = None, **writer_args: object) -> ConvertResult:
+         layout: Layout | None = None, max_shard_size: str | None = None, tokenizer: str | None = None,
+         **writer_args: object) -> ConvertResult:
     params = {"tensor_parallel": layout.tp} if layout else None
     writer = make_writer(layout, **writer_args) if layout else None
-    return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer)
+    return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer, tokenizer)
 
 
 def _open(src: str, vocab_size: int | None) -> Checkpoint:
+    from ..converters.sources import resolve_source
     path = resolve_source(src)
     if not is_megatron(path):
         raise RosetoolError(f"{path}: not a Megatron checkpoint (no {TRACKER}, mp_rank_* folders or "
@@ -48,6 +53,8 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
         raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")
     if legacy and (te_layout or ckpt_format == "torch_dist"):
         raise RosetoolError("--legacy is the torch-format legacy model; it excludes --te-layout and torch_dist")
+    if Path(src).is_dir() and is_megatron(Path(src)):
+        raise RosetoolError(f"{src} is already a Megatron checkpoint: use `rosetool reshard` to change its layout")
     te = te_layout or ckpt_format == "torch_dist"
     to = "megatron_te" if te else "megatron_legacy" if legacy else "megatron"
     _run(src, dst, to, dtype, force, as_json, Layout(tp, pp), ckpt_format=ckpt_format)
@@ -55,9 +62,10 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
 
 def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = VocabOpt,
                    dtype: str | None = DtypeOpt, max_shard_size: str | None = ShardOpt,
-                   force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                   tokenizer: str | None = TokenizerOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
     """Megatron checkpoint (torch or torch_dist, any TP/PP) -> HF folder, padded vocabulary trimmed."""
-    _run(_open(src, vocab_size), dst, "hf", dtype, force, as_json, max_shard_size=max_shard_size)
+    _run(_open(src, vocab_size), dst, "hf", dtype, force, as_json, max_shard_size=max_shard_size,
+         tokenizer=tokenizer)
 
 
 def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -12,6 +14,16 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 
 out = Console()
 err = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' loading bars and torch's UserWarnings out of rosetool's output: set before either
+    is imported, so it costs no import. ROSETOOL_DEBUG=1 keeps them."""
+    if os.environ.get("ROSETOOL_DEBUG"):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
 
 
 def print_json(data: Any) -> None:

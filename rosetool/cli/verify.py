@@ -7,30 +7,35 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..dtypes import parse_dtype
-from ..verify import verify as run_verify
 from .output import out, print_json
 
 
 def verify(a: str = typer.Argument(..., help="First checkpoint (HF runs through transformers, others through rosetool)."),
            b: str = typer.Argument(..., help="Second checkpoint."),
-           dtype: str = typer.Option("float32", "--dtype", help="Compute dtype for both: float32, float16, bfloat16."),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast both to float32, float16 or bfloat16 "
+                                               "(default: each at the dtype it stores; the tolerance follows "
+                                               "the lower precision)."),
            device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
            batch: int = typer.Option(2, "--batch", min=1, help="Sequences in the test batch."),
            seq_len: int = typer.Option(32, "--seq-len", min=1, help="Tokens per sequence."),
            seed: int = typer.Option(0, "--seed", help="Seed of the random token batch."),
            atol: Optional[float] = typer.Option(None, "--atol", help="Override the dtype's tolerance on max |diff|."),
            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """Run both checkpoints on the same tokens; print max |logit diff| and greedy agreement."""
+    """Same tokens through both: max |logit diff| against a tolerance for their dtypes, greedy agreement."""
+    from ..dtypes import parse_dtype
+    from ..verify import verify as run_verify
+
     result = run_verify(a, b, parse_dtype(dtype), device, batch, seq_len, seed, atol)
     if as_json:
         print_json(result.to_dict())
     else:
+        how = "given with --atol" if atol is not None else f"{result.dtype}, scaled by max |logit| {result.max_abs_logit:.2f}"
         table = Table(title="logit parity", show_header=False)
-        for k, v in [("A", f"{result.a} ({result.runner_a})"), ("B", f"{result.b} ({result.runner_b})"),
-                     ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens, {result.dtype}"),
+        for k, v in [("A", f"{result.a} ({result.runner_a}, {result.dtype_a})"),
+                     ("B", f"{result.b} ({result.runner_b}, {result.dtype_b})"),
+                     ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens"),
                      ("max |diff|", f"{result.max_abs_diff:.3e}"), ("mean |diff|", f"{result.mean_abs_diff:.3e}"),
-                     ("tolerance", f"{result.tolerance:.3e}"),
+                     ("tolerance", f"{result.tolerance:.3e} ({how})"),
                      ("greedy agreement", f"{result.greedy_agreement:.1%}"),
                      ("verdict", "[green]PASS[/]" if result.passed else "[red]FAIL[/]")]:
             table.add_row(k, v)

@@ -16,16 +16,20 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError
+from ..lazy_torch import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> (torch dtype name, bytes per element): names, so a header is read without torch
+CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_BY_NAME = {name: code for code, (name, _) in CODES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    return _BY_NAME[str(dtype).removeprefix("torch.")]
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -33,15 +37,23 @@ _MAX_HEADER = 100 * 1024 * 1024
 class TensorInfo:
     """Where a tensor lives; byte offsets only for formats that store raw bytes (safetensors)."""
     name: str
-    dtype: torch.dtype
+    code: str                  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
     start: int | None = None   # absolute byte offsets in `file`
     end: int | None = None
 
     @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, CODES[self.code][0])
+
+    @property
+    def dtype_name(self) -> str:
+        return CODES[self.code][0]
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * CODES[self.code][1]
 
 
 def require_regular_file(path: Path) -> int:
@@ -79,7 +91,7 @@ def _entry(path: Path, name: str, h: object, base: int) -> TensorInfo:
         return CheckpointError(f"{path}: tensor {name!r} has a corrupt header entry ({what})")
     if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
         raise bad("expected exactly dtype, shape and data_offsets")
-    if h["dtype"] not in DTYPES:
+    if h["dtype"] not in CODES:
         raise bad(f"unknown dtype {h['dtype']!r}")
     shape, offsets = h["shape"], h["data_offsets"]
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
@@ -89,7 +101,7 @@ def _entry(path: Path, name: str, h: object, base: int) -> TensorInfo:
     b, e = offsets
     if b > e:
         raise bad(f"data_offsets [{b}, {e}] begin after they end")
-    info = TensorInfo(name, DTYPES[h["dtype"]], tuple(shape), path, base + b, base + e)
+    info = TensorInfo(name, h["dtype"], tuple(shape), path, base + b, base + e)
     if e - b != info.nbytes:
         raise CheckpointError(f"{path}: tensor {name!r} holds {e - b} bytes, its shape needs {info.nbytes}")
     return info
@@ -164,7 +176,7 @@ class StreamWriter:
         self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         for name, dtype, shape in tensors:
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._slots[name] = (dtype, tuple(shape), offset)
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import torch
-
 from ..errors import CheckpointError, RosetoolError
 from ..mappings.spec import ArchSpec, get_spec, spec_for_hf
 from .config_map import read_config
 from .megatron import is_megatron, open_megatron
-from .safetensors_io import TensorInfo, read_header, read_tensor, require_regular_file
+from ..lazy_torch import torch
+from .safetensors_io import TensorInfo, dtype_code, read_header, read_tensor, require_regular_file
 
 NATIVE_MARKER = "rosetool-native"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -49,7 +48,8 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.dtype.itemsize * math.prod(t.shape) for t in self.tensors.values())
+        return sum(t.nbytes if isinstance(t, TensorInfo) else t.dtype.itemsize * math.prod(t.shape)
+                   for t in self.tensors.values())
 
 
 
@@ -74,7 +74,7 @@ def resolve_source(path_or_id: str | os.PathLike) -> Path:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{text}: not a local folder and not in the huggingface_hub cache, and the hub "
                               f"could not be reached ({reason}); download it where you have network "
-                              f"(huggingface-cli download {text}) or pass a local folder") from None
+                              f"(hf download {text}) or pass a local folder") from None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _torch_bin_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, t
         state = load_torch_file(f)
         for k, t in state.items():
             if isinstance(t, torch.Tensor):
-                metas[k] = TensorInfo(k, t.dtype, tuple(t.shape), f)
+                metas[k] = TensorInfo(k, dtype_code(t.dtype), tuple(t.shape), f)
                 data[k] = t
     return metas, data
 

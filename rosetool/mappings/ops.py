@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
+from ..lazy_torch import torch
 from .expr import evaluate
 
-Tensors = list[torch.Tensor]
-Shapes = list[torch.Size]
+Tensors = list["torch.Tensor"]
+Shapes = list["torch.Size"]
 
 
 @dataclass(frozen=True)

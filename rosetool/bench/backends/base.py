@@ -21,6 +21,11 @@ from rosetool.bench.workload import Request, Vocab
 
 BACKENDS = ("rosetool", "hf", "openai", "rosetool-server")
 OnDone = Callable[[RequestResult], None]
+OnTokens = Callable[[int], None]   # n more tokens generated (live progress); backends call it as they stream
+
+
+def no_tokens(n: int) -> None:
+    """The default `on_tokens`: nobody is counting."""
 
 
 @dataclass
@@ -61,7 +66,8 @@ class Backend(Protocol):
     model_id: str
     vocab: Vocab
 
-    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]: ...
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
+            on_tokens: OnTokens = no_tokens) -> list[RequestResult]: ...
 
     def close(self) -> None: ...
 

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, Schedule, fail
+from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, OnTokens, Schedule, fail, no_tokens
 from rosetool.bench.backends.model import hf_folder, make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request
@@ -25,17 +25,21 @@ from rosetool.runtime.loader import load_tokenizer
 
 
 class StepClock(StoppingCriteria):
-    def __init__(self, prompt_width: int, row_limits: list[int], device: torch.device):
+    def __init__(self, prompt_width: int, row_limits: list[int], device: torch.device,
+                 on_tokens: OnTokens = no_tokens):
         self.width = prompt_width
         self.limits = torch.tensor(row_limits, device=device)
         self.sync = device.type == "cuda"
         self.times: list[float] = []
+        self.on_tokens = on_tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         if self.sync:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
-        return (input_ids.shape[1] - self.width) >= self.limits
+        finished = (input_ids.shape[1] - self.width) >= self.limits
+        self.on_tokens(len(self.limits) - int(((input_ids.shape[1] - 1 - self.width) >= self.limits).sum()))
+        return finished
 
 
 class HFBackend:
@@ -62,7 +66,8 @@ class HFBackend:
         eos = self.eos[0] if isinstance(self.eos, list) else self.eos
         return pad if pad is not None else (eos if eos is not None else 0)
 
-    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]:
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
+            on_tokens: OnTokens = no_tokens) -> list[RequestResult]:
         results = [RequestResult(prompt_len=r.prompt_len) for r in requests]
         admission = Admission(schedule)
         while not admission.exhausted:
@@ -74,7 +79,7 @@ class HFBackend:
             for i, sent in released:
                 results[i].start = sent
             try:
-                self._generate([requests[i] for i in batch], [results[i] for i in batch])
+                self._generate([requests[i] for i in batch], [results[i] for i in batch], on_tokens)
             except (RuntimeError, ValueError) as err:
                 for i in batch:
                     fail(results[i], err)
@@ -88,12 +93,12 @@ class HFBackend:
             return request.prompt
         return self.tokenizer.encode(request.prompt, add_special_tokens=False)
 
-    def _generate(self, requests: list[Request], results: list[RequestResult]) -> None:
+    def _generate(self, requests: list[Request], results: list[RequestResult], on_tokens: OnTokens) -> None:
         rows = [self._ids(r) for r in requests]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        clock = StepClock(width, [r.output_len for r in requests], self.device)
+        clock = StepClock(width, [r.output_len for r in requests], self.device, on_tokens)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self._gen_kwargs(requests, clock))
         for row, request, result in zip(out[:, width:].tolist(), requests, results):

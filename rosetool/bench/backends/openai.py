@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rosetool.bench.backends.base import BackendConfig, OnDone, Schedule, fail
+from rosetool.bench.backends.base import BackendConfig, OnDone, OnTokens, Schedule, fail, no_tokens
 from rosetool.bench.backends.model import make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request
@@ -81,14 +81,15 @@ class OpenAIBackend:
         finally:
             conn.close()
 
-    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]:
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
+            on_tokens: OnTokens = no_tokens) -> list[RequestResult]:
         results = [RequestResult(prompt_len=r.prompt_len) for r in requests]
         workers = min(schedule.max_concurrency or len(requests), len(requests))
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for request, result, at in zip(requests, results, schedule.arrivals):
                 time.sleep(max(0.0, t0 + at - time.perf_counter()))
-                pool.submit(self._one, request, result, on_done)
+                pool.submit(self._one, request, result, on_done, on_tokens)
         return results
 
     def _body(self, request: Request) -> bytes:
@@ -105,7 +106,7 @@ class OpenAIBackend:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()
 
-    def _one(self, request: Request, result: RequestResult, on_done: OnDone) -> None:
+    def _one(self, request: Request, result: RequestResult, on_done: OnDone, on_tokens: OnTokens) -> None:
         conn = self._connection(timeout=self.cfg.timeout_s)
         deadline = _Deadline(self.cfg.timeout_s)
         result.start = time.perf_counter()
@@ -115,7 +116,7 @@ class OpenAIBackend:
             resp = conn.getresponse()
             if resp.status != 200:
                 raise ServerError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}")
-            usage = _read_stream(resp, result) if self.cfg.stream else _read_whole(resp)
+            usage = _read_stream(resp, result, on_tokens) if self.cfg.stream else _read_whole(resp)
             result.end = time.perf_counter()
             result.output_tokens = _output_tokens(usage, len(result.token_times), request.output_len, self.cfg.stream)
         except Exception as err:   # a worker thread: whatever went wrong is this request's failure reason
@@ -177,7 +178,7 @@ def _usage(doc: dict) -> int | None:
     return _count(usage.get("completion_tokens"), "usage.completion_tokens")
 
 
-def _read_stream(resp: http.client.HTTPResponse, result: RequestResult) -> int | None:
+def _read_stream(resp: http.client.HTTPResponse, result: RequestResult, on_tokens: OnTokens) -> int | None:
     """Stamp every SSE chunk that carries a choice; return `usage.completion_tokens` if sent.
     A stream must end with `data: [DONE]`; one that stops short is incomplete, not finished."""
     usage = None
@@ -198,6 +199,7 @@ def _read_stream(resp: http.client.HTTPResponse, result: RequestResult) -> int |
             raise ServerError(f"stream chunk has choices {choices!r}, not a list")
         if choices:
             result.token_times.append(time.perf_counter())
+            on_tokens(1)
         usage = _usage(chunk) if chunk.get("usage") is not None else usage
     raise ServerError("stream ended without 'data: [DONE]' (incomplete response)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, Schedule, fail
+from rosetool.bench.backends.base import Admission, BackendConfig, OnDone, OnTokens, Schedule, fail, no_tokens
 from rosetool.bench.backends.model import make_vocab, model_label, resolve_model
 from rosetool.bench.metrics import RequestResult
 from rosetool.bench.workload import Request, Vocab
@@ -49,7 +49,8 @@ class RosetoolBackend:
             ignore_eos=self.cfg.ignore_eos,
         )
 
-    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]:
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
+            on_tokens: OnTokens = no_tokens) -> list[RequestResult]:
         results = [RequestResult(prompt_len=r.prompt_len) for r in requests]
         owner: dict[str, int] = {}
         admission = Admission(schedule)
@@ -61,7 +62,7 @@ class RosetoolBackend:
                 if not owner:
                     admission.wait()
                     continue
-                self._step(results, owner, admission, on_done)
+                self._step(results, owner, admission, on_done, on_tokens)
         finally:  # interrupted: leave the engine empty for whoever uses it next
             for request_id in owner:
                 self.llm.abort(request_id)
@@ -78,7 +79,7 @@ class RosetoolBackend:
             on_done(result)
 
     def _step(self, results: list[RequestResult], owner: dict[str, int], admission: Admission,
-              on_done: OnDone) -> None:
+              on_done: OnDone, on_tokens: OnTokens) -> None:
         outputs = self.llm.step()
         now = time.perf_counter()
         for out in outputs:
@@ -87,6 +88,7 @@ class RosetoolBackend:
             result = results[owner[out.request_id]]
             result.token_times.extend([now] * len(out.new_token_ids))
             result.output_tokens += len(out.new_token_ids)
+            on_tokens(len(out.new_token_ids))
             if out.finished:
                 result.end = now
                 del owner[out.request_id]
