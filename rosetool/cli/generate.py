@@ -28,6 +28,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Repeatable sampling."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: the model is sharded over this many processes."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
     from rosetool.runtime import LLM, SamplingParams
@@ -38,13 +39,14 @@ def generate(
         model, prompt = str(ensure_default_model()), model
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
-    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
-    llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
-    while llm.has_unfinished():
-        for event in llm.step():
-            if event.text_delta is not None:
-                sys.stdout.write(event.text_delta)
-            else:
-                sys.stdout.write("".join(f"{t} " for t in event.new_token_ids))
-            sys.stdout.flush()
+    # one request: size the pool for it
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp) as llm:
+        llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
+        while llm.has_unfinished():
+            for event in llm.step():
+                if event.text_delta is not None:
+                    sys.stdout.write(event.text_delta)
+                else:
+                    sys.stdout.write("".join(f"{t} " for t in event.new_token_ids))
+                sys.stdout.flush()
     sys.stdout.write("\n")
