@@ -116,16 +116,26 @@ def await_workers(group: TPGroup, expected: str, what: str) -> None:
     pending = dict(enumerate(zip(group.workers, group.pipes), start=1))
     while pending:
         for r, (proc, pipe) in list(pending.items()):
-            if pipe.poll(0.05):
-                message = pipe.recv_bytes().decode()
-                if message != expected:
-                    raise RosetoolError(f"tensor-parallel rank {r} failed while {what}: {message}")
+            message = _receive(pipe)
+            if message == expected:
                 del pending[r]
-            elif not proc.is_alive():
+            elif message is not None:
+                raise RosetoolError(f"tensor-parallel rank {r} failed while {what}: {message}")
+            elif not proc.is_alive() or pipe.closed:
+                proc.join(2.0)
                 raise RosetoolError(f"tensor-parallel rank {r} failed while {what} ({_exit_reason(proc)})")
         if time.monotonic() > deadline:
             raise RosetoolError(f"tensor-parallel rank {min(pending)} did not finish {what} "
                                 f"in {START_TIMEOUT_S:.0f} s")
+
+
+def _receive(pipe: Connection) -> str | None:
+    """The worker's next message, or None: none yet, or the pipe closed (the worker died)."""
+    try:
+        return pipe.recv_bytes().decode() if pipe.poll(0.05) else None
+    except EOFError:
+        pipe.close()
+        return None
 
 
 def stop_processes(procs: list[mp.Process]) -> None:
