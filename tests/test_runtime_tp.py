@@ -1,12 +1,16 @@
 """Tensor parallelism over two local gloo processes: greedy outputs equal one process and transformers
-`generate`, token for token, with prefix caching and preemption on; `generate --tp` and bad sizes.
+`generate`, token for token, with prefix caching and preemption on; `generate --tp`, `bench --tp`, torchrun, and bad sizes.
 
 Norm weights and every bias are drawn at random too, so a bias added on both ranks (instead of once,
 after the all-reduce) or a KV head given to the wrong rank changes the tokens.
 """
 
+import json
 import multiprocessing
 import random
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,3 +105,42 @@ def test_sizes_that_do_not_divide_fail_before_any_process_starts(gpt2, cli):
     assert not multiprocessing.active_children()
     res = cli("generate", path, "1 2 3", "--tp", "5", "--device", "cpu")
     assert res.code == 2 and "does not divide" in res.err and "Traceback" not in res.err
+
+
+def test_bench_rosetool_backend_with_tp(gpt2):
+    from typer.testing import CliRunner
+
+    from rosetool.cli.bench import app
+
+    args = ["offline", "--backend", "rosetool", "--model", str(gpt2[0]), "--device", "cpu", "--tp", "2",
+            "--num-prompts", "3", "--input-len", "6", "--output-len", "4", "--warmup", "0", "--runs", "1", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(result.stdout)["runs"][0]["total_output_tokens"] == 12
+    assert not multiprocessing.active_children()
+
+
+TORCHRUN_SCRIPT = """
+import sys
+from rosetool.runtime import LLM, SamplingParams
+if __name__ == "__main__":
+    with LLM(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2) as llm:
+        out = llm.generate([[int(t) for t in sys.argv[2:]]], SamplingParams(temperature=0, max_tokens=8,
+                                                                          ignore_eos=True))
+    print("TOKENS", *out[0].token_ids)
+"""
+
+
+def test_runs_under_torchrun(gpt2, tmp_path):
+    path, expected = gpt2
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), str(script), str(path), *map(str, PROMPTS[1])],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("TOKENS")]   # rank 0 prints, rank 1 serves
+    assert [int(t) for t in line.split()[1:]] == expected[tuple(PROMPTS[1])]
