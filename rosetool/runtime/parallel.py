@@ -41,6 +41,7 @@ class TPGroup:
     control: Any = None
     workers: list[mp.Process] = field(default_factory=list)    # rank 0 of a spawned group only
     pipes: list[Connection] = field(default_factory=list)
+    threads: int | None = None   # rank 0's own thread count, given back on close
 
     def failure(self, exc: BaseException) -> RosetoolError:
         """One line for a collective that failed: which rank is gone, if one is, else the cause."""
@@ -58,6 +59,9 @@ class TPGroup:
         for pipe in self.pipes:
             pipe.close()
         self.pipes = []
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+            self.threads = None
         if self.compute is not None and dist.is_initialized():
             dist.destroy_process_group()
         self.compute = self.control = None
@@ -74,6 +78,13 @@ def launched_by_torchrun() -> bool:
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def share_cpu_threads(device: torch.device, world: int, threads: int) -> None:
+    """CPU ranks on one machine split its cores (`threads` is the count one process would use) rather
+    than oversubscribe them N times over."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads // world))
 
 
 def join_groups(group: TPGroup, init_method: str) -> None:
@@ -101,7 +112,8 @@ def spawn_workers(world: int, device: torch.device, target: Callable[..., None],
     ctx = mp.get_context("spawn")
     for rank in range(1, world):
         ours, theirs = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(rank, world, init_method, os.getpid(), theirs, *args),
+        proc = ctx.Process(target=target, args=(rank, world, init_method, os.getpid(), theirs,
+                                                torch.get_num_threads(), *args),
                            daemon=True, name=f"rosetool-tp-rank{rank}")
         proc.start()
         theirs.close()

@@ -26,7 +26,7 @@ from rosetool.runtime.loader import LoadedInfo, load_model
 from rosetool.runtime.model import Transformer
 from rosetool.runtime.model_runner import ModelRunner
 from rosetool.runtime.parallel import (TPGroup, await_workers, exit_with_parent, join_groups, launched_by_torchrun,
-                                       rank_device, report, spawn_workers)
+                                       rank_device, report, share_cpu_threads, spawn_workers)
 from rosetool.runtime.scheduler import ScheduledBatch
 from rosetool.runtime.tp_shard import TPShard, local_args
 
@@ -110,11 +110,12 @@ def _load(model: str, config: EngineConfig, group: TPGroup) -> tuple[Transformer
     return load_model(model, dtype=config.dtype, device=group.device, shard=shard)
 
 
-def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Connection | None,
+def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Connection | None, threads: int,
             model: str, config: EngineConfig) -> None:
     """A spawned (or torchrun) rank > 0: join, load its shard, serve, and exit without a traceback."""
     if parent_pid:
         exit_with_parent(parent_pid)
+        share_cpu_threads(config.device, world, threads)
     group = TPGroup(rank, world, rank_device(config.device, int(os.environ.get("LOCAL_RANK", rank))))
     try:
         report(pipe, "joining")
@@ -141,12 +142,14 @@ def start(model: str, config: EngineConfig, world: int) -> tuple[Transformer, Lo
         if world != size:
             raise RosetoolError(f"tensor_parallel_size={world} but torchrun started WORLD_SIZE={size}")
         if rank > 0:
-            _worker(rank, size, "env://", 0, None, model, config)
+            _worker(rank, size, "env://", 0, None, torch.get_num_threads(), model, config)
             sys.exit(0)
         group = TPGroup(0, size, rank_device(config.device, int(os.environ.get("LOCAL_RANK", 0))))
         init_method = "env://"
     else:
         group, init_method = spawn_workers(world, config.device, _worker, (model, config))
+        group.threads = torch.get_num_threads()
+        share_cpu_threads(config.device, world, group.threads)
     try:
         if group.workers:
             await_workers(group, "joining", "starting")
