@@ -1,7 +1,6 @@
 """Tensor-parallel processes end cleanly: a rank killed mid-run or failing to start is one clear error
 in bounded time, and no worker outlives the run, even when rank 0 itself is killed."""
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import build_hf
+from conftest import build_hf, tp_workers
 from rosetool.errors import RosetoolError
 from rosetool.runtime import LLM, SamplingParams
 
@@ -50,7 +49,7 @@ def test_killed_worker_ends_the_run_with_one_line(model):
             llm.step()
     assert time.monotonic() - start < 15
     assert str(err.value) == "tensor-parallel rank 1 died mid-run (killed by signal 9)"
-    assert not multiprocessing.active_children()
+    assert not tp_workers()
     llm.close()   # after a failure: nothing left to do, and no error
 
 
@@ -62,7 +61,7 @@ def test_worker_failing_to_start_is_named(model, tmp_path, monkeypatch):
     with pytest.raises(RosetoolError, match=r"^tensor-parallel rank 1 failed while starting \(exit code 7\)$"):
         LLM(model, device="cpu", tensor_parallel_size=2)
     assert time.monotonic() - start < 30
-    assert not multiprocessing.active_children()
+    assert not tp_workers()
 
 
 def test_killed_rank0_leaves_no_orphan(model):

@@ -6,7 +6,6 @@ after the all-reduce) or a KV head given to the wrong rank changes the tokens.
 """
 
 import json
-import multiprocessing
 import random
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from conftest import tp_workers
 from rosetool.errors import RosetoolError
 from rosetool.runtime import LLM, SamplingParams
 
@@ -86,7 +86,7 @@ def test_two_ranks_match_one_rank_and_transformers(tiny):
     for prompt, one, two in zip(PROMPTS, single, outs):
         assert two.token_ids == one.token_ids == expected[tuple(prompt)], f"prompt of {len(prompt)} tokens"
     assert again.token_ids == expected[tuple(PROMPTS[4])]
-    assert not multiprocessing.active_children()
+    assert not tp_workers()
 
 
 def test_generate_cli_with_tp(gpt2, cli):
@@ -102,7 +102,7 @@ def test_sizes_that_do_not_divide_fail_before_any_process_starts(gpt2, cli):
     path, _ = gpt2
     with pytest.raises(RosetoolError, match="tensor_parallel_size=5 does not divide"):
         LLM(path, device="cpu", tensor_parallel_size=5)
-    assert not multiprocessing.active_children()
+    assert not tp_workers()
     res = cli("generate", path, "1 2 3", "--tp", "5", "--device", "cpu")
     assert res.code == 2 and "does not divide" in res.err and "Traceback" not in res.err
 
@@ -117,7 +117,7 @@ def test_bench_rosetool_backend_with_tp(gpt2):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert json.loads(result.stdout)["runs"][0]["total_output_tokens"] == 12
-    assert not multiprocessing.active_children()
+    assert not tp_workers()
 
 
 TORCHRUN_SCRIPT = """
@@ -144,3 +144,14 @@ def test_runs_under_torchrun(gpt2, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("TOKENS")]   # rank 0 prints, rank 1 serves
     assert [int(t) for t in line.split()[1:]] == expected[tuple(PROMPTS[1])]
+
+
+def test_a_second_tensor_parallel_engine_waits_for_the_first(gpt2):
+    path, _ = gpt2
+    with LLM(path, device="cpu", tensor_parallel_size=2):
+        with pytest.raises(RosetoolError, match="close the other tensor-parallel LLM first"):
+            LLM(path, device="cpu", tensor_parallel_size=2)
+        assert len(tp_workers()) == 1   # the first engine's worker only
+    assert not tp_workers()
+    with LLM(path, device="cpu", tensor_parallel_size=2) as again:   # closed engines free the group
+        assert again.generate([[3, 4]], GREEDY)[0].token_ids

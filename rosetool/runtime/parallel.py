@@ -87,10 +87,13 @@ def share_cpu_threads(device: torch.device, world: int, threads: int) -> None:
         torch.set_num_threads(max(1, threads // world))
 
 
-def join_groups(group: TPGroup, init_method: str) -> None:
+def require_no_group() -> None:
     if dist.is_initialized():
         raise RosetoolError("tensor parallelism needs its own torch.distributed group, and this process "
-                            "already has one; close the other LLM first")
+                            "already has one; close the other tensor-parallel LLM first")
+
+
+def join_groups(group: TPGroup, init_method: str) -> None:
     backend = "nccl" if group.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=group.rank, world_size=group.world,
                             timeout=STEP_TIMEOUT)

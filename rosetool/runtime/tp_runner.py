@@ -26,7 +26,8 @@ from rosetool.runtime.loader import LoadedInfo, load_model
 from rosetool.runtime.model import Transformer
 from rosetool.runtime.model_runner import ModelRunner
 from rosetool.runtime.parallel import (TPGroup, await_workers, exit_with_parent, join_groups, launched_by_torchrun,
-                                       rank_device, report, share_cpu_threads, spawn_workers)
+                                       rank_device, report, require_no_group, share_cpu_threads,
+                                       spawn_workers)
 from rosetool.runtime.scheduler import ScheduledBatch
 from rosetool.runtime.tp_shard import TPShard, local_args
 
@@ -137,6 +138,7 @@ def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Conn
 def start(model: str, config: EngineConfig, world: int) -> tuple[Transformer, LoadedInfo, TPModelRunner]:
     """Rank 0's shard, runner and workers. Under torchrun a rank > 0 serves here and then exits."""
     local_args(ModelArgs.from_dict(open_checkpoint(model).config), world)   # refuse a bad size before any spawn
+    require_no_group()
     if launched_by_torchrun():
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != size:
