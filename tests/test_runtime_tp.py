@@ -152,6 +152,4 @@ def test_a_second_tensor_parallel_engine_waits_for_the_first(gpt2):
         with pytest.raises(RosetoolError, match="close the other tensor-parallel LLM first"):
             LLM(path, device="cpu", tensor_parallel_size=2)
         assert len(tp_workers()) == 1   # the first engine's worker only
-    assert not tp_workers()
-    with LLM(path, device="cpu", tensor_parallel_size=2) as again:   # closed engines free the group
-        assert again.generate([[3, 4]], GREEDY)[0].token_ids
+    assert not tp_workers()   # (the parametrized test above opens one engine after another: close frees the group)

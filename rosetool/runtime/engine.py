@@ -62,6 +62,7 @@ class LLM:
         self.tokenizer = info.tokenizer
         self.eos_token_ids = set(info.eos_token_ids)
         if max_model_len is not None and self.runner.max_model_len < max_model_len:
+            self.close()
             raise RosetoolError(
                 f"LLM: max_model_len={max_model_len} does not fit the KV pool "
                 f"({self.runner.num_kv_blocks} blocks of {block_size} tokens); raise num_kv_blocks")
