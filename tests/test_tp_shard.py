@@ -109,3 +109,13 @@ def test_a_rank_peaks_at_about_half_the_model(tmp_path):
     print(f"peak RSS growth: whole {whole_peak / MB:.0f} MB, rank 0 of 2 {rank_peak / MB:.0f} MB")
     assert rank_peak < 0.6 * whole_peak, f"rank peak {rank_peak / MB:.0f} MB vs whole {whole_peak / MB:.0f} MB"
     assert rank_peak < rank + 24 * MB, f"rank peak {rank_peak / MB:.0f} MB for {rank / MB:.0f} MB of weights"
+
+
+def test_slices_of_a_megatron_checkpoint(tmp_path, cli):
+    # Two TP files with a padded vocabulary: read whole through the plan (merged, trimmed), then cut.
+    hf = build_hf("llama", tmp_path / "hf", attention_bias=True)
+    assert cli("convert", "hf-to-megatron", hf, tmp_path / "meg", "--tp", "2").code == 0
+    megatron = check_shards(tmp_path / "meg", 2)
+    from_hf = [shard_state(open_checkpoint(hf), r, 2) for r in range(2)]
+    for mine, theirs in zip(megatron, from_hf):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

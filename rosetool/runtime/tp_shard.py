@@ -160,7 +160,6 @@ def shard_state(ckpt: Checkpoint, rank: int, world: int) -> dict[str, torch.Tens
     return state
 
 
-
 @dataclass(frozen=True)
 class TPShard:
     """What the loader needs to build one rank's part of a model instead of the whole."""
