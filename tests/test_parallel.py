@@ -85,3 +85,30 @@ def test_killed_rank0_leaves_no_orphan(model):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_hung_worker_times_out(model):
+    # A stopped (not dead) rank keeps its sockets open: only the collective timeout can end the wait.
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from rosetool.errors import RosetoolError
+        from rosetool.runtime import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM({str(model)!r}, device="cpu", tensor_parallel_size=2)
+            (worker,) = llm.runner.group.workers
+            llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+            llm.step()
+            os.kill(worker.pid, signal.SIGSTOP)
+            start = time.monotonic()
+            try:
+                while llm.has_unfinished():
+                    llm.step()
+            except RosetoolError as err:
+                print(round(time.monotonic() - start), worker.pid, err)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ROSETOOL_TP_TIMEOUT": "3"})
+    seconds, pid, message = run.stdout.strip().split(" ", 2)
+    assert message.startswith("tensor-parallel step failed on rank 0: ") and "ROSETOOL_TP_TIMEOUT=3 s" in message
+    assert 3 <= int(seconds) < 15
+    assert gone(int(pid))

@@ -12,6 +12,7 @@ named with its own error, and they exit when rank 0's process goes away, leaving
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -29,7 +30,6 @@ from rosetool.errors import RosetoolError
 STEP_TIMEOUT = timedelta(seconds=float(os.environ.get("ROSETOOL_TP_TIMEOUT", "60")))
 IDLE_TIMEOUT = timedelta(days=7)
 START_TIMEOUT_S = float(os.environ.get("ROSETOOL_TP_START_TIMEOUT", "600"))
-JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -50,11 +50,13 @@ class TPGroup:
             if not proc.is_alive():
                 return RosetoolError(f"tensor-parallel rank {r} died mid-run ({_exit_reason(proc)})")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return RosetoolError(f"tensor-parallel step failed on rank {self.rank}: {first}")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)   # gloo prefixes its source file and line
+        return RosetoolError(f"tensor-parallel step failed on rank {self.rank}: {first} (a rank is hung or "
+                             f"unreachable; ROSETOOL_TP_TIMEOUT={STEP_TIMEOUT.total_seconds():g} s)")
 
-    def close(self) -> None:
-        """Join the workers (terminating any that linger), then leave the process groups."""
-        stop_processes(self.workers)
+    def close(self, grace_s: float = 10.0) -> None:
+        """Join the workers (terminating any still there after `grace_s`), then leave the process groups."""
+        stop_processes(self.workers, grace_s)
         self.workers = []
         for pipe in self.pipes:
             pipe.close()
@@ -153,8 +155,8 @@ def _receive(pipe: Connection) -> str | None:
         return None
 
 
-def stop_processes(procs: list[mp.Process]) -> None:
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
+def stop_processes(procs: list[mp.Process], grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:

@@ -25,9 +25,9 @@ from rosetool.runtime.config import EngineConfig
 from rosetool.runtime.loader import LoadedInfo, load_model
 from rosetool.runtime.model import Transformer
 from rosetool.runtime.model_runner import ModelRunner
-from rosetool.runtime.parallel import (TPGroup, await_workers, exit_with_parent, join_groups, launched_by_torchrun,
-                                       rank_device, report, require_no_group, share_cpu_threads,
-                                       spawn_workers)
+from rosetool.runtime.parallel import (STEP_TIMEOUT, TPGroup, await_workers, exit_with_parent, join_groups,
+                                       launched_by_torchrun, rank_device, report, require_no_group,
+                                       share_cpu_threads, spawn_workers)
 from rosetool.runtime.scheduler import ScheduledBatch
 from rosetool.runtime.tp_shard import TPShard, local_args
 
@@ -51,7 +51,7 @@ class TPModelRunner(ModelRunner):
             return super().run(batch)
         except RuntimeError as exc:   # gloo/NCCL report a lost peer or a timeout as RuntimeError
             error = self.group.failure(exc)
-            self.group.close()
+            self.group.close(grace_s=1.0)   # the others are likely stuck in a collective: do not wait long
             raise error from None
 
     def forward_logits(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
@@ -69,11 +69,12 @@ class TPModelRunner(ModelRunner):
                      logit_rows: list[int]) -> None:
         header = torch.tensor([_STEP, len(input_ids), len(ctx.context_lens), ctx.block_tables.shape[1],
                                ctx.max_query_len, int(ctx.is_decode), len(logit_rows)])
-        body = torch.cat([t.cpu().view(-1) for t in (input_ids, positions, ctx.slot_mapping, ctx.token_seq,
-                                                     ctx.token_row, ctx.block_tables, ctx.context_lens)]
-                         + [torch.tensor(logit_rows, dtype=torch.long)])
-        dist.broadcast(header, 0, group=self.group.control)
-        dist.broadcast(body, 0, group=self.group.control)
+        body = torch.cat([t.view(-1) for t in (input_ids, positions, ctx.slot_mapping, ctx.token_seq,
+                                               ctx.token_row, ctx.block_tables, ctx.context_lens)]
+                         + [torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
+        # the control group waits as long as workers idle; rank 0 must not wait that long on a hung one
+        dist.broadcast(header, 0, group=self.group.control, async_op=True).wait(STEP_TIMEOUT)
+        dist.broadcast(body, 0, group=self.group.compute)
 
     def _receive_layout(self) -> tuple[Tensor, Tensor, AttentionContext, list[int]] | None:
         header = torch.empty(_HEADER, dtype=torch.long)
@@ -81,10 +82,10 @@ class TPModelRunner(ModelRunner):
         kind, tokens, seqs, width, max_query_len, is_decode, rows = header.tolist()
         if kind == _STOP:
             return None
-        body = torch.empty(5 * tokens + seqs * width + seqs + rows, dtype=torch.long)
-        dist.broadcast(body, 0, group=self.group.control)
-        ids, pos, slots, token_seq, token_row, tables, lens, logit_rows = (
-            t.to(self.device) for t in body.split([tokens] * 5 + [seqs * width, seqs, rows]))
+        body = torch.empty(5 * tokens + seqs * width + seqs + rows, dtype=torch.long, device=self.device)
+        dist.broadcast(body, 0, group=self.group.compute)
+        ids, pos, slots, token_seq, token_row, tables, lens, logit_rows = body.split(
+            [tokens] * 5 + [seqs * width, seqs, rows])
         ctx = AttentionContext(slots, pos, token_seq, token_row, tables.view(seqs, width), lens, max_query_len,
                                bool(is_decode))
         return ids, pos, ctx, logit_rows.tolist()
