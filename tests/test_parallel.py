@@ -110,5 +110,5 @@ def test_hung_worker_times_out(model):
                          env={**os.environ, "ROSETOOL_TP_TIMEOUT": "3"})
     seconds, pid, message = run.stdout.strip().split(" ", 2)
     assert message.startswith("tensor-parallel step failed on rank 0: ") and "ROSETOOL_TP_TIMEOUT=3 s" in message
-    assert 3 <= int(seconds) < 15
+    assert 3 <= int(seconds) < 30   # 3 s timeout + 1 s grace + terminate; slack for a loaded 2-core CI
     assert gone(int(pid))
