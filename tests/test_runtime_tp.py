@@ -153,3 +153,16 @@ def test_a_second_tensor_parallel_engine_waits_for_the_first(gpt2):
             LLM(path, device="cpu", tensor_parallel_size=2)
         assert len(tp_workers()) == 1   # the first engine's worker only
     assert not tp_workers()   # (the parametrized test above opens one engine after another: close frees the group)
+
+
+def test_a_failed_torch_distributed_init_earlier_does_not_break_it(gpt2):
+    # torch names a process's groups by how many it has made; a failed init (here: port in use) counts.
+    path, expected = gpt2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(RuntimeError):
+            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{busy.getsockname()[1]}",
+                                                 rank=0, world_size=2)
+    with LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2) as llm:
+        assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected[tuple(PROMPTS[0])]

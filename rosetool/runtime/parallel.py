@@ -3,9 +3,9 @@
 Rank 0 is the caller's process; ranks 1..N-1 are spawned here (torch.multiprocessing), or started by
 `torchrun`, whose RANK/WORLD_SIZE/MASTER_ADDR are then read instead. Two groups join the ranks:
 `compute` (NCCL on CUDA, gloo on CPU) carries the per-step collectives under a short timeout, so a
-stuck or vanished rank fails a step instead of hanging it; `control` (gloo) carries the batch layout,
-which idle workers wait on for as long as the engine is idle. A dead peer fails either at once
-(its sockets close). Spawned workers report start-up over a pipe, so a rank that fails to load is
+stuck or vanished rank fails a step instead of hanging it; `control` (gloo) carries only the notice
+that a step (or the end) comes, which idle workers wait on for as long as the engine is idle, and
+which rank 0 sends under the step timeout. A dead peer fails either at once (its sockets close). Spawned workers report start-up over a pipe, so a rank that fails to load is
 named with its own error, and they exit when rank 0's process goes away, leaving no orphans.
 """
 
@@ -97,10 +97,13 @@ def require_no_group() -> None:
 
 def join_groups(group: TPGroup, init_method: str) -> None:
     backend = "nccl" if group.device.type == "cuda" else "gloo"
+    # Groups named by their ranks, not by this process's count of groups made so far: that count is
+    # stale after a failed init (a port in use), and the fresh workers' count would not match it.
+    ranks = list(range(group.world))
     dist.init_process_group(backend, init_method=init_method, rank=group.rank, world_size=group.world,
-                            timeout=STEP_TIMEOUT)
+                            timeout=STEP_TIMEOUT, _ranks=ranks)
     group.compute = dist.group.WORLD
-    group.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    group.control = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT, use_local_synchronization=True)
 
 
 def _free_port() -> int:

@@ -72,9 +72,12 @@ class TPModelRunner(ModelRunner):
         body = torch.cat([t.view(-1) for t in (input_ids, positions, ctx.slot_mapping, ctx.token_seq,
                                                ctx.token_row, ctx.block_tables, ctx.context_lens)]
                          + [torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
-        # the control group waits as long as workers idle; rank 0 must not wait that long on a hung one
-        dist.broadcast(header, 0, group=self.group.control, async_op=True).wait(STEP_TIMEOUT)
+        self._announce(header)
         dist.broadcast(body, 0, group=self.group.compute)
+
+    def _announce(self, header: Tensor) -> None:
+        """The control group waits as long as workers idle; rank 0 must not wait that long on a hung one."""
+        dist.broadcast(header, 0, group=self.group.control, async_op=True).wait(STEP_TIMEOUT)
 
     def _receive_layout(self) -> tuple[Tensor, Tensor, AttentionContext, list[int]] | None:
         header = torch.empty(_HEADER, dtype=torch.long)
@@ -101,7 +104,7 @@ class TPModelRunner(ModelRunner):
         if self.group.compute is None:
             return
         try:
-            dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER - 1)), 0, group=self.group.control)
+            self._announce(torch.tensor([_STOP] + [0] * (_HEADER - 1)))
         except RuntimeError:   # a worker is already gone: close() below still reaps the rest
             pass
         self.group.close()
