@@ -97,6 +97,8 @@ def require_no_group() -> None:
 
 def join_groups(group: TPGroup, init_method: str) -> None:
     backend = "nccl" if group.device.type == "cuda" else "gloo"
+    if group.device.type == "cuda":
+        torch.cuda.set_device(group.device)
     # Groups named by their ranks, not by this process's count of groups made so far: that count is
     # stale after a failed init (a port in use), and the fresh workers' count would not match it.
     ranks = list(range(group.world))

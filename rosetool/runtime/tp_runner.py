@@ -38,7 +38,8 @@ _HEADER = 7   # kind, tokens, seqs, block-table width, max_query_len, is_decode,
 class TPModelRunner(ModelRunner):
     def __init__(self, model: Transformer, config: EngineConfig, group: TPGroup):
         self.group = group
-        super().__init__(model, replace(config, enforce_eager=True))   # no collectives inside CUDA graphs
+        # this rank's own device; eager, as no collectives are captured inside CUDA graphs
+        super().__init__(model, replace(config, device=group.device, enforce_eager=True))
 
     def _default_num_blocks(self) -> int:
         """The smallest pool any rank can hold, so block ids mean the same slots everywhere."""
