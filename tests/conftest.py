@@ -88,3 +88,9 @@ def runtime_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     model, _ = load_model(folder, torch.float32)
     with torch.no_grad():
         return model(tokens)
+
+
+def tp_workers() -> list:
+    """Tensor-parallel worker processes this process started and has not reaped."""
+    import multiprocessing
+    return [p for p in multiprocessing.active_children() if p.name.startswith("rosetool-tp-")]

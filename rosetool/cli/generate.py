@@ -38,6 +38,7 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
     chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message, rendered with the chat template."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: the model is sharded over this many processes."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
     if prompt is None:
@@ -61,24 +62,26 @@ def generate(
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
-    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=1)  # one request: size the pool for it
-    if chat:
-        from rosetool.serve.chat_template import chat_prompt_ids
+    # one request: size the pool for it
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp) as llm:
+        if chat:
+            from rosetool.serve.chat_template import chat_prompt_ids
 
-        llm.add_request(chat_prompt_ids(llm.tokenizer, template, [{"role": "user", "content": prompt}]), params)
-    else:
-        llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
-    generated, reason = 0, None
-    while llm.has_unfinished():
-        for event in llm.step():
-            generated += len(event.new_token_ids)
-            reason = event.finish_reason or reason
-            if event.text_delta is not None:
-                sys.stdout.write(event.text_delta)
-            else:
-                sys.stdout.write("".join(f"{t} " for t in event.new_token_ids))
-            sys.stdout.flush()
+            llm.add_request(chat_prompt_ids(llm.tokenizer, template, [{"role": "user", "content": prompt}]), params)
+        else:
+            llm.add_request(prompt if llm.tokenizer else _parse_token_ids(prompt), params)
+        generated, reason = 0, None
+        while llm.has_unfinished():
+            for event in llm.step():
+                generated += len(event.new_token_ids)
+                reason = event.finish_reason or reason
+                if event.text_delta is not None:
+                    sys.stdout.write(event.text_delta)
+                else:
+                    sys.stdout.write("".join(f"{t} " for t in event.new_token_ids))
+                sys.stdout.flush()
+        max_model_len = llm.max_model_len
     sys.stdout.write("\n")
     if reason == "length" and generated < max_tokens:   # the context ran out before --max-tokens did
         err.print(f"note: stopped after {generated} of --max-tokens {max_tokens} tokens: prompt and output "
-                  f"filled the model's context of {llm.max_model_len} tokens", highlight=False, soft_wrap=True)
+                  f"filled the model's context of {max_model_len} tokens", highlight=False, soft_wrap=True)

@@ -39,18 +39,30 @@ class LLM:
                  device: str | torch.device | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1):
+        """`tensor_parallel_size` N > 1 shards the model over N processes (this one is rank 0), or over
+        the ranks `torchrun` started; there, `LLM()` on a rank > 0 serves rank 0 and then exits."""
         from rosetool.runtime.loader import load_model
 
         config = EngineConfig(resolve_device(device), resolve_dtype(dtype), gpu_memory_utilization,
                               max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
                               max_model_len, enable_prefix_caching, enforce_eager)
-        self.model, info = load_model(model, dtype=config.dtype, device=config.device)
+        if tensor_parallel_size < 1:
+            raise RosetoolError(f"LLM: tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if tensor_parallel_size > 1:
+            from rosetool.runtime import tp_runner
+
+            self.model, info, self.runner = tp_runner.start(str(model), config, tensor_parallel_size)
+        else:
+            self.model, info = load_model(model, dtype=config.dtype, device=config.device)
+            self.runner = ModelRunner(self.model, config)
         self.model.eval()
+        self._model_args = info.args
         self.tokenizer = info.tokenizer
         self.eos_token_ids = set(info.eos_token_ids)
-        self.runner = ModelRunner(self.model, config)
         if max_model_len is not None and self.runner.max_model_len < max_model_len:
+            self.close()
             raise RosetoolError(
                 f"LLM: max_model_len={max_model_len} does not fit the KV pool "
                 f"({self.runner.num_kv_blocks} blocks of {block_size} tokens); raise num_kv_blocks")
@@ -63,7 +75,19 @@ class LLM:
 
     @property
     def model_args(self):
-        return self.model.args
+        return self._model_args
+
+    def close(self) -> None:
+        """End the tensor-parallel workers (a no-op on one device); the engine is unusable after."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -140,7 +164,7 @@ class LLM:
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = [int(t) for t in prompt]
-        vocab = self.model.args.vocab_size
+        vocab = self.model_args.vocab_size
         if not token_ids:
             raise RosetoolError("prompt is empty")
         if any(not 0 <= t < vocab for t in token_ids):

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -15,6 +15,9 @@ from ..converters.api import load_state
 from ..converters.sources import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from ..canonical import ModelArgs
 from .model import Transformer
+
+if TYPE_CHECKING:
+    from .tp_shard import TPShard
 
 
 @dataclass
@@ -24,6 +27,7 @@ class LoadedInfo:
     architecture: str
     tokenizer: Any = None
     eos_token_ids: list[int] = field(default_factory=list)
+    args: ModelArgs | None = None   # the whole model's, also when the Transformer is one rank's shard
 
 
 def _ids(value: int | list[int] | None) -> list[int]:
@@ -53,19 +57,24 @@ def eos_ids(ckpt: Checkpoint) -> list[int]:
 
 
 def build_model(ckpt: Checkpoint, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                device: str | torch.device) -> Transformer:
+                device: str | torch.device, make: Callable[[ModelArgs], Transformer] = Transformer) -> Transformer:
     args = ModelArgs.from_dict(ckpt.config)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = make(args)
     model.load_state_dict(state, strict=True, assign=True)
     dtype = dtype or next(iter(state.values())).dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> tuple[Transformer, LoadedInfo]:
+               device: str | torch.device = "cpu", shard: TPShard | None = None) -> tuple[Transformer, LoadedInfo]:
+    """The whole model, or with `shard` one tensor-parallel rank's part of it."""
     ckpt = open_checkpoint(path_or_id)
-    ckpt, state = load_state(ckpt, "native")
-    model = build_model(ckpt, state, dtype, device)
-    info = LoadedInfo(ckpt.path, ckpt.format, ckpt.spec.name, load_tokenizer(ckpt.path), eos_ids(ckpt))
+    if shard is None:
+        ckpt, state = load_state(ckpt, "native")
+        model = build_model(ckpt, state, dtype, device)
+    else:
+        model = build_model(ckpt, shard.state(ckpt), dtype, device, shard.make)
+    info = LoadedInfo(ckpt.path, ckpt.format, ckpt.spec.name, load_tokenizer(ckpt.path), eos_ids(ckpt),
+                      ModelArgs.from_dict(ckpt.config))
     return model, info

@@ -88,7 +88,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float | None]]:
         """Forward the batch; sample for sequences whose last token was fed (batch order)."""
-        input_ids, positions, ctx, logit_rows = self._prepare(batch)
+        logits = self.forward_logits(*self._prepare(batch))
+        if logits is None:
+            return [], []
+        seqs = [s for i, s in enumerate(batch.seqs) if batch.completes_prefill(i)]
+        return sample(logits, seqs)
+
+    def forward_logits(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
+                       logit_rows: list[int]) -> Tensor | None:
+        """Logits of the `logit_rows` tokens, None when no row completes a prompt."""
         if self.graphs is not None and ctx.is_decode:
             hidden = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)
@@ -100,10 +108,8 @@ class ModelRunner:
             finally:
                 self.attention.context = None
         if not logit_rows:
-            return [], []
-        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
-        seqs = [s for i, s in enumerate(batch.seqs) if batch.completes_prefill(i)]
-        return sample(logits, seqs)
+            return None
+        return self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, AttentionContext, list[int]]:
         bs = self.block_size

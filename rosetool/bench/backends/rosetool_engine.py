@@ -36,6 +36,7 @@ class RosetoolBackend:
             max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
         )
         self.vocab: Vocab = make_vocab(self.llm.tokenizer, getattr(self.llm.model_args, "vocab_size", None))
 
@@ -96,4 +97,6 @@ class RosetoolBackend:
                 on_done(result)
 
     def close(self) -> None:
-        """Nothing to release: `run` never leaves requests in the engine, and memory goes with `llm`."""
+        """`run` never leaves requests in the engine and memory goes with `llm`; only tensor-parallel
+        worker processes need ending."""
+        self.llm.close()
