@@ -43,6 +43,12 @@ class ModelArgs:
     sliding_window: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    # Families beyond Llama (GPT-NeoX, GPT-J, Phi): rotary layout and block shape.
+    rotary_dim: int | None = None       # rotate only the first rotary_dim dims of each head (None: all)
+    rope_interleaved: bool = False      # GPT-J pairs dims (2i, 2i+1); otherwise rotate-half (first/second half)
+    parallel_residual: bool = False     # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
+    shared_norm: bool = False           # parallel blocks with one norm feeding both branches (GPT-J, Phi-2)
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -51,6 +57,10 @@ class ModelArgs:
             raise RosetoolError(f"unsupported norm {self.norm!r}")
         if self.activation not in ACTIVATIONS:
             raise RosetoolError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise RosetoolError(f"rotary_dim={self.rotary_dim} must be even and in 1..head_dim={self.head_dim}")
+        if self.shared_norm and not self.parallel_residual:
+            raise RosetoolError("shared_norm=true needs parallel_residual=true")
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")

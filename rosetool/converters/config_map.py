@@ -7,6 +7,7 @@ spellings) go through a named codec here. Unknown fields are reported; fields a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -30,7 +31,7 @@ HF_INERT = frozenset({
 class Codec:
     keys: tuple[str, ...]
     read: Callable[[Mapping[str, Any]], Any]
-    write: Callable[[Any], dict[str, Any]]
+    write: Callable[[Any, Mapping[str, Any]], dict[str, Any]]   # (value, whole canonical config)
 
 
 def _rope_params(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def _rope_params(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_rope_scaling(raw: Mapping[str, Any]) -> dict[str, Any] | None:
-    params = {k: v for k, v in _rope_params(raw).items() if k != "rope_theta"}
+    params = {k: v for k, v in _rope_params(raw).items() if k not in ("rope_theta", "partial_rotary_factor")}
     kind = params.pop("rope_type", None) or params.pop("type", None)
     params.pop("type", None)
     return None if kind in (None, "default") else {"rope_type": kind, **params}
@@ -73,10 +74,35 @@ def _write_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
     return {"rope_scaling": dict(scaling)}
 
 
+def _partial_rotary(legacy_key: str) -> Codec:
+    """Partial rotary as HF stores it, a fraction of head_dim (`rope_parameters.partial_rotary_factor`
+    in transformers 5, top-level `legacy_key` in 4.x), <-> the canonical whole count `rotary_dim`."""
+    def read(raw: Mapping[str, Any]) -> int | None:
+        factor = _rope_params(raw).get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get(legacy_key)))
+        if factor is None:
+            return None   # the spec's default applies
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+        return int(head_dim * factor)   # transformers' own rounding
+
+    def write(rotary_dim: int | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        rot, head_dim = rotary_dim or cfg["head_dim"], cfg["head_dim"]
+        factor = rot / head_dim
+        if int(head_dim * factor) < rot:   # e.g. 22 * (14 / 22) < 14: the next float up reads back exactly
+            factor = math.nextafter(factor, math.inf)
+        if transformers_major() >= 5:
+            return {"rope_parameters": {"partial_rotary_factor": factor}}
+        return {legacy_key: factor}
+    return Codec(("rope_parameters", "partial_rotary_factor", legacy_key), read, write)
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
-                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)), _write_rope_theta),
-    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling, _write_rope_scaling),
+                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
+                           lambda theta, cfg: _write_rope_theta(theta)),
+    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling,
+                             lambda scaling, cfg: _write_rope_scaling(scaling)),
+    "hf_partial_rotary": _partial_rotary("partial_rotary_factor"),   # Phi, Phi-3
+    "hf_rotary_pct": _partial_rotary("rotary_pct"),                  # GPT-NeoX
 }
 
 
@@ -99,7 +125,8 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id"})
+_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
+                       "rotary_dim"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:
@@ -181,7 +208,7 @@ def write_config(fmt: Format, cfg: Mapping[str, Any]) -> dict[str, Any]:
     for f in fmt.config:
         value = cfg[f.canonical]
         if f.codec:
-            for k, v in CODECS[f.codec].write(value).items():   # codecs may share a nested field
+            for k, v in CODECS[f.codec].write(value, cfg).items():   # codecs may share a nested field
                 out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         elif f.key is not None and value is not None:
             if f.map is not None:

@@ -1,4 +1,4 @@
-"""The runtime's transformer: one file, GPT-2 and the Llama family, native weight layout.
+"""The runtime's transformer: GPT-2, the Llama family, GPT-NeoX, GPT-J and Phi, native weight layout.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.
@@ -8,8 +8,6 @@ checked with; the paged engine passes its own function and a flattened batch.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,37 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu, "relu": F.relu,
 }
-
-
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3's wavelength-dependent scaling or plain linear scaling."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = args.rope_scaling or {}
-    if s.get("rope_type") == "linear":
-        return inv / s["factor"]
-    if s.get("rope_type") == "llama3":
-        old = s["original_max_position_embeddings"]
-        low_wl, high_wl = old / s["low_freq_factor"], old / s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wl, inv / s["factor"], inv)
-        smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-        mid = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
-        return torch.where(is_mid, mid, scaled)
-    return inv
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF and Megatron convention); x [..., T, heads, D], cos/sin [..., T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +81,7 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, a.rope_interleaved), apply_rope(k, *rope, a.rope_interleaved)
         return self.o(attn_fn(layer, q, k, v).flatten(-2))
 
 
@@ -129,14 +103,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Sequential (x += attn; x += mlp) or parallel (both branches read the same x; GPT-J, NeoX, Phi-2)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.parallel, self.shared_norm = args.parallel_residual, args.shared_norm
         self.attn_norm, self.attn = make_norm(args), Attention(args)
-        self.mlp_norm, self.mlp = make_norm(args), MLP(args)
+        self.mlp = MLP(args)
+        if not args.shared_norm:
+            self.mlp_norm = make_norm(args)
 
     def forward(self, layer: int, x: torch.Tensor, rope: Any, attn_fn: AttnFn) -> torch.Tensor:
-        x = x + self.attn(layer, self.attn_norm(x), rope, attn_fn)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn_norm(x)
+        attn = self.attn(layer, h, rope, attn_fn)
+        if not self.parallel:
+            x = x + attn
+            return x + self.mlp(self.mlp_norm(x))
+        return x + attn + self.mlp(h if self.shared_norm else self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -149,16 +132,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = make_norm(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
         self._eager = eager_attention(args)
         self._inv_freq: torch.Tensor | None = None   # cached per device: no host copy inside a CUDA graph
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = rope_inv_freq(self.args).to(positions.device)
-        freqs = positions[..., None].float() * self._inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(positions, self._inv_freq, self.args.rope_interleaved, dtype)
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                        attn_fn: AttnFn | None = None) -> torch.Tensor:
@@ -175,8 +156,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.args.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.args.tie_word_embeddings:
+            return F.linear(hidden, self.embed.weight)
+        return self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_fn: AttnFn | None = None) -> torch.Tensor:
