@@ -44,7 +44,7 @@ class ModelArgs:
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     # Families beyond Llama (GPT-NeoX, GPT-J, Phi): rotary layout and block shape.
-    rotary_dim: int | None = None       # rotate only the first rotary_dim dims of each head (None: all)
+    partial_rotary_factor: float = 1.0  # rotate the first int(head_dim * factor) dims of each head (HF's rounding)
     rope_interleaved: bool = False      # GPT-J pairs dims (2i, 2i+1); otherwise rotate-half (first/second half)
     parallel_residual: bool = False     # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
     shared_norm: bool = False           # parallel blocks with one norm feeding both branches (GPT-J, Phi-2)
@@ -57,8 +57,10 @@ class ModelArgs:
             raise RosetoolError(f"unsupported norm {self.norm!r}")
         if self.activation not in ACTIVATIONS:
             raise RosetoolError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
-        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
-            raise RosetoolError(f"rotary_dim={self.rotary_dim} must be even and in 1..head_dim={self.head_dim}")
+        rot = int(self.head_dim * self.partial_rotary_factor)
+        if not (0 < rot <= self.head_dim and rot % 2 == 0):
+            raise RosetoolError(f"partial_rotary_factor={self.partial_rotary_factor} rotates {rot} of "
+                                f"head_dim={self.head_dim} dims; it must be an even count, at least 2")
         if self.shared_norm and not self.parallel_residual:
             raise RosetoolError("shared_norm=true needs parallel_residual=true")
         kind = (self.rope_scaling or {}).get("rope_type")

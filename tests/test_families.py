@@ -21,12 +21,17 @@ from rosetool.runtime import LLM, SamplingParams
 VOCAB = 96
 NEOX = dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=84, num_hidden_layers=2, num_attention_heads=3,
             max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+PHI3 = dict(vocab_size=VOCAB, hidden_size=110, intermediate_size=76, num_hidden_layers=2, num_attention_heads=5,
+            num_key_value_heads=1, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
     "neox-sequential": ("gpt_neox", {**NEOX, "rotary_pct": 0.3, "use_parallel_residual": False,
                                      "attention_bias": False, "hidden_act": "gelu_new"},
                         ["rotary: first 6 of 20", "sequential"]),
+    "phi3-window": ("phi3", {**PHI3, "sliding_window": 7}, ["rotary: all 22 dims", "sequential", "sliding_window"]),
+    "phi4-mini-partial-tied": ("phi3", {**PHI3, "partial_rotary_factor": 0.75, "tie_word_embeddings": True},
+                               ["rotary: first 16 of 22 dims"]),
 }
 
 
@@ -73,7 +78,9 @@ def test_hf_native_hf_is_bit_identical(case, tmp_path):
     assert a.keys() == b.keys(), name
     assert all(torch.equal(a[k], b[k]) for k in a), name
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(hf_logits(hf, tokens), hf_logits(tmp_path / "back", tokens)), name
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32, pad_token_id=0).eval()
+    with torch.no_grad():   # pad_token_id: Phi-3's default (32000) lies outside a tiny vocabulary
+        assert torch.equal(hf_logits(hf, tokens), back(tokens).logits), name
     src, out = (json.loads((p / "config.json").read_text()) for p in (hf, tmp_path / "back"))
     assert src["model_type"] == out["model_type"] and src["architectures"] == out["architectures"]
     assert src.get("rope_parameters") == out.get("rope_parameters"), name
@@ -99,6 +106,20 @@ def test_inspect_explains_the_family(case, cli):
         assert res.code == 0, res.err
         for fact in facts:
             assert fact in res.out, (name, fact)
+    derived = [json.loads(cli("inspect", p, "--json").out)["derived"] for p in (hf, native)]
+    assert derived[0] == derived[1], name   # the same facts whichever format the model is in
+
+
+@pytest.mark.parametrize("kind", ["longrope", "su"])
+def test_phi3_long_context_rope_is_refused_by_name(kind, cli, tmp_path):
+    hf = build("phi3", PHI3, tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_type": kind, "short_factor": [1.0] * 11,
+                              "long_factor": [2.0] * 11}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    res = cli("convert", "hf-to-native", hf, tmp_path / "native")
+    assert res.code == 2 and f"unsupported rope_scaling type {kind!r}" in res.err + res.out
+    assert "Traceback" not in res.err + res.out
 
 
 def test_megatron_is_refused_by_name(case, cli, tmp_path):

@@ -11,7 +11,8 @@ from typing import Any
 def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
     facts: dict[str, str] = {}
     if cfg.get("position") == "rope":
-        head_dim, rot = cfg["head_dim"], cfg.get("rotary_dim") or cfg["head_dim"]
+        head_dim = cfg["head_dim"]
+        rot = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
         pairs = "interleaved pairs (GPT-J)" if cfg.get("rope_interleaved") else "rotate-half pairs"
         span = f"first {rot} of {head_dim} dims per head" if rot < head_dim else f"all {head_dim} dims"
         facts["rotary"] = f"rotary: {span}, {pairs}"

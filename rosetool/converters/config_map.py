@@ -75,24 +75,23 @@ def _write_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _partial_rotary(legacy_key: str) -> Codec:
-    """Partial rotary as HF stores it, a fraction of head_dim (`rope_parameters.partial_rotary_factor`
-    in transformers 5, top-level `legacy_key` in 4.x), <-> the canonical whole count `rotary_dim`."""
-    def read(raw: Mapping[str, Any]) -> int | None:
-        factor = _rope_params(raw).get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get(legacy_key)))
-        if factor is None:
-            return None   # the spec's default applies
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-        return int(head_dim * factor)   # transformers' own rounding
+    """HF's partial rotary fraction: `rope_parameters.partial_rotary_factor` in transformers 5, a top-level
+    `legacy_key` in 4.x. Absent: None, so the spec's family default applies."""
+    def read(raw: Mapping[str, Any]) -> float | None:
+        return _rope_params(raw).get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get(legacy_key)))
 
-    def write(rotary_dim: int | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
-        rot, head_dim = rotary_dim or cfg["head_dim"], cfg["head_dim"]
-        factor = rot / head_dim
-        if int(head_dim * factor) < rot:   # e.g. 22 * (14 / 22) < 14: the next float up reads back exactly
-            factor = math.nextafter(factor, math.inf)
+    def write(factor: float, cfg: Mapping[str, Any]) -> dict[str, Any]:
         if transformers_major() >= 5:
             return {"rope_parameters": {"partial_rotary_factor": factor}}
         return {legacy_key: factor}
     return Codec(("rope_parameters", "partial_rotary_factor", legacy_key), read, write)
+
+
+def _read_gptj_rotary(raw: Mapping[str, Any]) -> float:
+    """GPT-J gives a dim count; the factor must give it back through HF's int(head_dim * factor)."""
+    rot, head_dim = raw["rotary_dim"], raw["n_embd"] // raw["n_head"]
+    factor = rot / head_dim
+    return math.nextafter(factor, math.inf) if int(head_dim * factor) < rot else factor   # e.g. 22 * (14 / 22)
 
 
 CODECS: dict[str, Codec] = {
@@ -103,6 +102,8 @@ CODECS: dict[str, Codec] = {
                              lambda scaling, cfg: _write_rope_scaling(scaling)),
     "hf_partial_rotary": _partial_rotary("partial_rotary_factor"),   # Phi, Phi-3
     "hf_rotary_pct": _partial_rotary("rotary_pct"),                  # GPT-NeoX
+    "hf_gptj_rotary_dim": Codec(("rotary_dim",), _read_gptj_rotary,
+                                lambda factor, cfg: {"rotary_dim": int(cfg["head_dim"] * factor)}),
 }
 
 
@@ -125,8 +126,7 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
-                       "rotary_dim"})
+_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:

@@ -2,7 +2,7 @@
 
 Families differ in which dims a rotation pairs up: HF Llama/NeoX/Phi rotate the first half of the
 rotated dims against the second ("rotate-half"), GPT-J rotates neighbours (2i, 2i+1). Several rotate
-only the first `rotary_dim` dims of each head and pass the rest through (partial rotary).
+only the first int(head_dim * partial_rotary_factor) dims of each head and pass the rest through (partial rotary).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..canonical import ModelArgs
 
 
 def rotary_dim(args: ModelArgs) -> int:
-    return args.rotary_dim or args.head_dim
+    return int(args.head_dim * args.partial_rotary_factor)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
