@@ -23,6 +23,8 @@ NEOX = dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=84, num_hidden_l
             max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
 PHI3 = dict(vocab_size=VOCAB, hidden_size=110, intermediate_size=76, num_hidden_layers=2, num_attention_heads=5,
             num_key_value_heads=1, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+GPTJ = dict(vocab_size=VOCAB, n_embd=70, n_layer=2, n_head=5, n_positions=128, bos_token_id=0, eos_token_id=1,
+            tie_word_embeddings=False)
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -32,6 +34,10 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "phi3-window": ("phi3", {**PHI3, "sliding_window": 7}, ["rotary: all 22 dims", "sequential", "sliding_window"]),
     "phi4-mini-partial-tied": ("phi3", {**PHI3, "partial_rotary_factor": 0.75, "tie_word_embeddings": True},
                                ["rotary: first 16 of 22 dims"]),
+    "gptj-partial": ("gptj", {**GPTJ, "rotary_dim": 6}, ["rotary: first 6 of 14 dims per head, interleaved",
+                                                        "parallel residual", "one shared norm", "bias"]),
+    "gptj-full": ("gptj", {**GPTJ, "rotary_dim": 14, "n_inner": 66, "activation_function": "gelu"},
+                  ["rotary: all 14 dims, interleaved", "parallel residual"]),
 }
 
 
