@@ -25,6 +25,8 @@ PHI3 = dict(vocab_size=VOCAB, hidden_size=110, intermediate_size=76, num_hidden_
             num_key_value_heads=1, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 GPTJ = dict(vocab_size=VOCAB, n_embd=70, n_layer=2, n_head=5, n_positions=128, bos_token_id=0, eos_token_id=1,
             tie_word_embeddings=False)
+PHI2 = dict(vocab_size=VOCAB, hidden_size=100, intermediate_size=74, num_hidden_layers=2, num_attention_heads=5,
+            max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -38,6 +40,9 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
                                                         "parallel residual", "one shared norm", "bias"]),
     "gptj-full": ("gptj", {**GPTJ, "rotary_dim": 14, "n_inner": 66, "activation_function": "gelu"},
                   ["rotary: all 14 dims, interleaved", "parallel residual"]),
+    "phi2-mha": ("phi", {**PHI2, "partial_rotary_factor": 0.4}, ["rotary: first 8 of 20 dims per head, rotate-half",
+                                                                "one shared norm", "LM head has a bias"]),
+    "phi2-gqa": ("phi", {**PHI2, "num_key_value_heads": 1, "hidden_act": "gelu"}, ["rotary: first 10 of 20"]),
 }
 
 
@@ -116,16 +121,33 @@ def test_inspect_explains_the_family(case, cli):
     assert derived[0] == derived[1], name   # the same facts whichever format the model is in
 
 
-@pytest.mark.parametrize("kind", ["longrope", "su"])
-def test_phi3_long_context_rope_is_refused_by_name(kind, cli, tmp_path):
-    hf = build("phi3", PHI3, tmp_path / "hf")
+def _longrope(kind):
+    return lambda cfg: {"rope_parameters": {**cfg["rope_parameters"], "rope_type": kind,
+                                            "short_factor": [1.0] * 11, "long_factor": [2.0] * 11}}
+
+
+REFUSED = {   # name -> (model_type, config, config.json edit, what the one-line error must name)
+    "phi3-longrope": ("phi3", PHI3, _longrope("longrope"), "unsupported rope_scaling type 'longrope'"),
+    "phi3-su": ("phi3", PHI3, _longrope("su"), "unsupported rope_scaling type 'su'"),
+    "phi-qk-layernorm": ("phi", PHI2, lambda cfg: {"qk_layernorm": True}, "qk_layernorm=true"),
+    "phi-tied": ("phi", PHI2, lambda cfg: {"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    "gptj-tied": ("gptj", {**GPTJ, "rotary_dim": 6}, lambda cfg: {"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    "gptj-no-rotary-dim": ("gptj", {**GPTJ, "rotary_dim": 6}, lambda cfg: {"rotary_dim": None}, "rotary_dim=null"),
+    "neox-odd-rotary": ("gpt_neox", NEOX, lambda cfg: {"rope_parameters": {**cfg["rope_parameters"],
+                                                                           "partial_rotary_factor": 0.25}},
+                        "rotates 5 of head_dim=20 dims"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_settings_the_runtime_lacks_are_refused_by_name(name, cli, tmp_path):
+    model_type, config, edit, message = REFUSED[name]
+    hf = build(model_type, config, tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
-    cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_type": kind, "short_factor": [1.0] * 11,
-                              "long_factor": [2.0] * 11}
-    (hf / "config.json").write_text(json.dumps(cfg))
+    (hf / "config.json").write_text(json.dumps({**cfg, **edit(cfg)}))
     res = cli("convert", "hf-to-native", hf, tmp_path / "native")
-    assert res.code == 2 and f"unsupported rope_scaling type {kind!r}" in res.err + res.out
-    assert "Traceback" not in res.err + res.out
+    assert res.code == 2 and message in res.err + res.out, res.err + res.out
+    assert "Traceback" not in res.err + res.out and "config.json" in res.err + res.out
 
 
 def test_megatron_is_refused_by_name(case, cli, tmp_path):
