@@ -154,4 +154,5 @@ def test_megatron_is_refused_by_name(case, cli, tmp_path):
     name, hf, _, _ = case
     res = cli("convert", "hf-to-megatron", hf, tmp_path / "meg")
     assert res.code == 2 and "Traceback" not in res.err + res.out
-    assert "megatron" in (res.err + res.out).lower()
+    assert f"{CASES[name][0]}.yaml: architecture" in res.err + res.out and "no 'megatron' format" in res.err + res.out
+    assert "no parallel attention + MLP block" in " ".join(cli("convert", "hf-to-megatron", "--help").out.split())
