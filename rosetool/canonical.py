@@ -13,7 +13,7 @@ from typing import Any
 from .errors import RosetoolError
 
 ROPE_TYPES = ("llama3", "linear")   # besides plain RoPE; anything else is refused by name
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")   # gemma_rmsnorm: x / rms(x) * (1 + weight)
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 
 
@@ -49,6 +49,7 @@ class ModelArgs:
     parallel_residual: bool = False     # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
     shared_norm: bool = False           # parallel blocks with one norm feeding both branches (GPT-J, Phi-2)
     lm_head_bias: bool = False
+    scale_embeddings: bool = False      # Gemma: embeddings times sqrt(hidden_size)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -1,5 +1,5 @@
-"""GPT-NeoX/Pythia, GPT-J, Phi-2 and Phi-3: the families with partial or interleaved rotary, parallel
-residual blocks and fused HF projections, each checked against transformers.
+"""GPT-NeoX/Pythia, GPT-J, Phi-2, Phi-3 and Gemma 1: the families with partial or interleaved rotary, parallel
+residual blocks, fused HF projections and Gemma's offset norms, each checked against transformers.
 
 Every case is a tiny random transformers model with odd sizes; every parameter is redrawn (norm weights
 and biases too) so a swapped or dropped tensor cannot hide behind an init of ones and zeros. Each boolean
@@ -27,6 +27,9 @@ GPTJ = dict(vocab_size=VOCAB, n_embd=70, n_layer=2, n_head=5, n_positions=128, b
             tie_word_embeddings=False)
 PHI2 = dict(vocab_size=VOCAB, hidden_size=100, intermediate_size=74, num_hidden_layers=2, num_attention_heads=5,
             max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+GEMMA = dict(vocab_size=VOCAB, hidden_size=50, intermediate_size=86, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=24, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+             pad_token_id=0)
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -43,6 +46,10 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "phi2-mha": ("phi", {**PHI2, "partial_rotary_factor": 0.4}, ["rotary: first 8 of 20 dims per head, rotate-half",
                                                                 "one shared norm", "LM head has a bias"]),
     "phi2-gqa": ("phi", {**PHI2, "num_key_value_heads": 1, "hidden_act": "gelu"}, ["rotary: first 10 of 20"]),
+    "gemma-mqa-tied": ("gemma", {**GEMMA, "num_key_value_heads": 1},
+                       ["(1 + weight)", "sqrt(hidden_size)", "rotary: all 24 dims"]),
+    "gemma-gqa-bias-untied": ("gemma", {**GEMMA, "attention_bias": True, "tie_word_embeddings": False,
+                                        "hidden_act": "gelu"}, ["(1 + weight)", "sequential"]),
 }
 
 
@@ -136,6 +143,10 @@ REFUSED = {   # name -> (model_type, config, config.json edit, what the one-line
     "neox-odd-rotary": ("gpt_neox", NEOX, lambda cfg: {"rope_parameters": {**cfg["rope_parameters"],
                                                                            "partial_rotary_factor": 0.25}},
                         "rotates 5 of head_dim=20 dims"),
+    "gemma-bidirectional": ("gemma", GEMMA, lambda cfg: {"use_bidirectional_attention": True},
+                            "use_bidirectional_attention=true"),
+    "gemma-hidden-activation": ("gemma", GEMMA, lambda cfg: {"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"},
+                                "hidden_activation differs from hidden_act"),
 }
 
 

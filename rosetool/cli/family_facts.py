@@ -21,6 +21,10 @@ def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
         facts["block"] = f"parallel residual: x + attn(x) + mlp(x), {norms}"
     else:
         facts["block"] = "sequential residual: x += attn(norm(x)); x += mlp(norm(x))"
+    if cfg.get("norm") == "gemma_rmsnorm":
+        facts["norms"] = "RMSNorm scaled by (1 + weight), in fp32"
+    if cfg.get("scale_embeddings"):
+        facts["embeddings"] = "scaled by sqrt(hidden_size)"
     if cfg.get("lm_head_bias"):
         facts["lm_head"] = "LM head has a bias"
     return facts

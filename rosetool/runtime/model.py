@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .norms import make_norm
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,26 +24,6 @@ AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu, "relu": F.relu,
 }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def make_norm(args: ModelArgs, dim: int | None = None) -> nn.Module:
-    dim = dim or args.hidden_size
-    if args.norm == "rmsnorm":
-        return RMSNorm(dim, args.norm_eps)
-    return nn.LayerNorm(dim, eps=args.norm_eps, bias=args.norm_bias)
 
 
 def eager_attention(args: ModelArgs) -> AttnFn:
@@ -68,8 +49,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(args.hidden_size, q + 2 * kv, bias=args.qkv_bias)
         self.o = nn.Linear(q, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = make_norm(args, args.head_dim)
+            self.k_norm = make_norm(args, args.head_dim)
 
     def forward(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_fn: AttnFn) -> torch.Tensor:
@@ -146,6 +127,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         x = self.embed(input_ids)
+        if self.args.scale_embeddings:   # Gemma: by sqrt(hidden) rounded to the activation dtype, as HF does
+            x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
         rope = None
         if self.args.position == "learned":
             x = x + self.pos_embed(positions)
