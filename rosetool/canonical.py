@@ -50,6 +50,21 @@ class ModelArgs:
     shared_norm: bool = False           # parallel blocks with one norm feeding both branches (GPT-J, Phi-2)
     lm_head_bias: bool = False
     scale_embeddings: bool = False      # Gemma: embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False        # Gemma 2: norms after attention and MLP too (post_attn_norm, post_mlp_norm)
+    query_pre_attn_scalar: float | None = None   # attention scale is its -1/2 power (None: head_dim's)
+    attn_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # the same on the output logits
+    layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"; None: all alike
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer: Gemma 2 alternates windowed and full layers."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -64,6 +79,10 @@ class ModelArgs:
                                 f"head_dim={self.head_dim} dims; it must be an even count, at least 2")
         if self.shared_norm and not self.parallel_residual:
             raise RosetoolError("shared_norm=true needs parallel_residual=true")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_layers or
+                                             set(self.layer_types) - {"sliding_attention", "full_attention"}):
+            raise RosetoolError(f"layer_types must give sliding_attention or full_attention for each of "
+                                f"{self.num_layers} layers, got {self.layer_types}")
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")

@@ -30,6 +30,8 @@ PHI2 = dict(vocab_size=VOCAB, hidden_size=100, intermediate_size=74, num_hidden_
 GEMMA = dict(vocab_size=VOCAB, hidden_size=50, intermediate_size=86, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=24, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
              pad_token_id=0)
+GEMMA2 = {**GEMMA, "hidden_size": 52, "num_hidden_layers": 3, "query_pre_attn_scalar": 19, "attn_logit_softcapping": 50.0,
+          "final_logit_softcapping": 30.0}
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -50,16 +52,28 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
                        ["(1 + weight)", "sqrt(hidden_size)", "rotary: all 24 dims"]),
     "gemma-gqa-bias-untied": ("gemma", {**GEMMA, "attention_bias": True, "tie_word_embeddings": False,
                                         "hidden_act": "gelu"}, ["(1 + weight)", "sequential"]),
+    "gemma2-capped-alternating": ("gemma2", {**GEMMA2, "sliding_window": 5, "tie_word_embeddings": False},
+                                  ["sandwich norms", "attention logits soft-capped at 50.0", "final logits soft-capped at 30.0",
+                                   "layers 0, 2 windowed (5), others full"]),
+    "gemma2-uncapped-tied": ("gemma2", {**GEMMA2, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+                                          "query_pre_attn_scalar": 24,
+                                          "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+                                          "sliding_window": 9},
+                               ["sandwich norms", "layers 1, 2 windowed (9), others full"]),
 }
 
 
 def build(model_type, config, folder, seed=0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    embed = model.get_input_embeddings().weight
+    # Gemma multiplies embeddings by sqrt(hidden): drawn that much smaller, as trained ones are, so a tied
+    # head does not just echo the input token (which would make greedy generation prove nothing)
+    embed_std = 0.3 / model.config.hidden_size ** 0.5 if model_type.startswith("gemma") else 0.3
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, embed_std if p is embed else 0.3)
             else:   # norm weights around 1, biases around 0, all distinct
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
     model.save_pretrained(folder)
@@ -101,7 +115,9 @@ def test_hf_native_hf_is_bit_identical(case, tmp_path):
         assert torch.equal(hf_logits(hf, tokens), back(tokens).logits), name
     src, out = (json.loads((p / "config.json").read_text()) for p in (hf, tmp_path / "back"))
     assert src["model_type"] == out["model_type"] and src["architectures"] == out["architectures"]
-    assert src.get("rope_parameters") == out.get("rope_parameters"), name
+    for key in ("rope_parameters", "rotary_dim", "use_parallel_residual", "tie_word_embeddings", "sliding_window",
+                "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        assert src.get(key) == out.get(key), (name, key)
 
 
 def test_paged_greedy_generation_matches_hf_generate(case):

@@ -25,6 +25,16 @@ def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
         facts["norms"] = "RMSNorm scaled by (1 + weight), in fp32"
     if cfg.get("scale_embeddings"):
         facts["embeddings"] = "scaled by sqrt(hidden_size)"
+    if cfg.get("sandwich_norms"):
+        facts["block"] = "sequential residual with sandwich norms (after attention and MLP too)"
+    if cfg.get("query_pre_attn_scalar"):
+        facts["attention_scale"] = f"query_pre_attn_scalar {cfg['query_pre_attn_scalar']} (scale = its -1/2 power)"
+    for key, what in (("attn_softcap", "attention logits"), ("final_softcap", "final logits")):
+        if cfg.get(key) is not None:
+            facts[key] = f"{what} soft-capped at {cfg[key]}: cap * tanh(x / cap)"
+    if cfg.get("layer_types") and cfg.get("sliding_window"):
+        windowed = [str(i) for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention"]
+        facts["sliding_window"] = f"layers {', '.join(windowed)} windowed ({cfg['sliding_window']}), others full"
     if cfg.get("lm_head_bias"):
         facts["lm_head"] = "LM head has a bias"
     return facts

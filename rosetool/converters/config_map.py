@@ -94,6 +94,12 @@ def _read_gptj_rotary(raw: Mapping[str, Any]) -> float:
     return math.nextafter(factor, math.inf) if int(head_dim * factor) < rot else factor   # e.g. 22 * (14 / 22)
 
 
+def _explicit(key: str) -> Codec:
+    """A field written even when null: where transformers' default is not null (Gemma 2's soft-caps and
+    window), leaving it out would switch the feature on."""
+    return Codec((key,), lambda raw: raw.get(key), lambda value, cfg: {key: value})
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
                            lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
@@ -104,6 +110,13 @@ CODECS: dict[str, Codec] = {
     "hf_rotary_pct": _partial_rotary("rotary_pct"),                  # GPT-NeoX
     "hf_gptj_rotary_dim": Codec(("rotary_dim",), _read_gptj_rotary,
                                 lambda factor, cfg: {"rotary_dim": int(cfg["head_dim"] * factor)}),
+    # Gemma 2: 4.x configs give no layer_types and mean windowed even layers, full odd ones (0-based)
+    "hf_alternating_layer_types": Codec(("layer_types",), lambda raw: raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(raw["num_hidden_layers"])],
+        lambda layer_types, cfg: {"layer_types": layer_types}),
+    "hf_attn_logit_softcapping": _explicit("attn_logit_softcapping"),
+    "hf_final_logit_softcapping": _explicit("final_logit_softcapping"),
+    "hf_sliding_window": _explicit("sliding_window"),
 }
 
 
@@ -126,7 +139,8 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id"})
+_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
+                       "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:

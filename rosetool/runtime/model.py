@@ -17,6 +17,7 @@ from torch import nn
 
 from ..canonical import ModelArgs
 from .norms import make_norm
+from .softcap import attend
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,7 +28,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def eager_attention(args: ModelArgs) -> AttnFn:
-    """Causal attention over each row of a [B, T] batch (positions 0..T-1), with an optional window."""
+    """Causal attention over each row of a [B, T] batch (positions 0..T-1), with each layer's window."""
     def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, heads, T, D]
         groups = args.num_heads // args.num_kv_heads
@@ -35,9 +36,10 @@ def eager_attention(args: ModelArgs) -> AttnFn:
         t = q.shape[2]
         i = torch.arange(t, device=q.device)
         mask = i[None, :] <= i[:, None]
-        if args.sliding_window:
-            mask &= i[:, None] - i[None, :] < args.sliding_window
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        window = args.layer_window(layer)
+        if window:
+            mask &= i[:, None] - i[None, :] < window
+        return attend(q, k, v, mask, args.attn_scale, args.attn_softcap).transpose(1, 2)
     return attn
 
 
@@ -84,23 +86,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Sequential (x += attn; x += mlp) or parallel (both branches read the same x; GPT-J, NeoX, Phi-2)."""
+    """Sequential (x += attn; x += mlp), parallel (both branches read the same x; GPT-J, NeoX, Phi-2) or
+    sequential with sandwich norms (each branch's output normed before it joins the residual; Gemma 2)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.parallel, self.shared_norm = args.parallel_residual, args.shared_norm
+        self.parallel, self.shared_norm, self.sandwich = args.parallel_residual, args.shared_norm, args.sandwich_norms
         self.attn_norm, self.attn = make_norm(args), Attention(args)
         self.mlp = MLP(args)
         if not args.shared_norm:
             self.mlp_norm = make_norm(args)
+        if args.sandwich_norms:
+            self.post_attn_norm, self.post_mlp_norm = make_norm(args), make_norm(args)
 
     def forward(self, layer: int, x: torch.Tensor, rope: Any, attn_fn: AttnFn) -> torch.Tensor:
         h = self.attn_norm(x)
         attn = self.attn(layer, h, rope, attn_fn)
-        if not self.parallel:
-            x = x + attn
-            return x + self.mlp(self.mlp_norm(x))
-        return x + attn + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+        if self.parallel:
+            return x + attn + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+        if self.sandwich:
+            x = x + self.post_attn_norm(attn)
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -139,9 +147,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.args.tie_word_embeddings:
-            return F.linear(hidden, self.embed.weight)
-        return self.lm_head(hidden)
+        out = F.linear(hidden, self.embed.weight) if self.args.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.args.final_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_fn: AttnFn | None = None) -> torch.Tensor:
