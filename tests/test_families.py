@@ -133,6 +133,14 @@ def test_paged_greedy_generation_matches_hf_generate(case):
     assert len({t for out in outs for t in out.token_ids}) > 3, "greedy output too uniform to catch a cache bug"
 
 
+def test_verify_and_export_hf_work_on_the_family(case, cli, tmp_path):
+    name, hf, native, _ = case
+    res = cli("verify", hf, native, "--json")
+    assert res.code == 0 and json.loads(res.out)["passed"] is True, (name, res.out, res.err)
+    assert cli("export-hf", native, tmp_path / "export").code == 0
+    assert tensors(tmp_path / "export").keys() == tensors(hf).keys(), name
+
+
 def test_inspect_explains_the_family(case, cli):
     name, hf, native, facts = case
     for path in (hf, native):
