@@ -55,6 +55,7 @@ class ModelArgs:
     attn_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before the softmax
     final_softcap: float | None = None  # the same on the output logits
     layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # Gemma 3: plain RoPE base of windowed layers (None: rope_theta)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer: Gemma 2 alternates windowed and full layers."""

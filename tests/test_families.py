@@ -1,4 +1,4 @@
-"""GPT-NeoX/Pythia, GPT-J, Phi-2, Phi-3 and Gemma 1: the families with partial or interleaved rotary, parallel
+"""GPT-NeoX/Pythia, GPT-J, Phi-2, Phi-3 and Gemma 1/2/3: the families with partial or interleaved rotary, parallel
 residual blocks, fused HF projections and Gemma's offset norms, each checked against transformers.
 
 Every case is a tiny random transformers model with odd sizes; every parameter is redrawn (norm weights
@@ -32,6 +32,9 @@ GEMMA = dict(vocab_size=VOCAB, hidden_size=50, intermediate_size=86, num_hidden_
              pad_token_id=0)
 GEMMA2 = {**GEMMA, "hidden_size": 52, "num_hidden_layers": 3, "query_pre_attn_scalar": 19, "attn_logit_softcapping": 50.0,
           "final_logit_softcapping": 30.0}
+GEMMA3 = {**GEMMA, "hidden_size": 52, "num_hidden_layers": 3, "query_pre_attn_scalar": 21, "sliding_window": 5}
+GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -60,6 +63,16 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
                                           "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
                                           "sliding_window": 9},
                                ["sandwich norms", "layers 1, 2 windowed (9), others full"]),
+    "gemma3-scaled-tied": ("gemma3_text", {**GEMMA3, "layer_types": ["sliding_attention"] * 2 + ["full_attention"],
+                                           "rope_parameters": {**GEMMA3_ROPE, "full_attention": {
+                                               "rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}},
+                           ["q/k norm", "windowed layers 0, 1: RoPE base 10000.0", "layers 0, 1 windowed (5)"]),
+    "gemma3-plain-bias-untied": ("gemma3_text", {**GEMMA3, "tie_word_embeddings": False, "attention_bias": True,
+                                                 "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+                                                 "sliding_window": 7, "rope_parameters": {
+                                                     "full_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
+                                 ["windowed layers 1: RoPE base 500.0", "layers 1 windowed (7)"]),
 }
 
 
@@ -171,6 +184,10 @@ REFUSED = {   # name -> (model_type, config, config.json edit, what the one-line
                             "use_bidirectional_attention=true"),
     "gemma-hidden-activation": ("gemma", GEMMA, lambda cfg: {"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"},
                                 "hidden_activation differs from hidden_act"),
+    "gemma3-scaled-local-rope": ("gemma3_text", {**GEMMA3, "rope_parameters": GEMMA3_ROPE}, lambda cfg: {
+        "rope_parameters": {**cfg["rope_parameters"], "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                            "rope_theta": 10000.0}}},
+        "rope_parameters.sliding_attention.rope_type='linear'"),
 }
 
 
@@ -189,5 +206,5 @@ def test_megatron_is_refused_by_name(case, cli, tmp_path):
     name, hf, _, _ = case
     res = cli("convert", "hf-to-megatron", hf, tmp_path / "meg")
     assert res.code == 2 and "Traceback" not in res.err + res.out
-    assert f"{CASES[name][0]}.yaml: architecture" in res.err + res.out and "no 'megatron' format" in res.err + res.out
+    assert ".yaml: architecture" in res.err + res.out and "no 'megatron' format" in res.err + res.out
     assert "no parallel attention + MLP block" in " ".join(cli("convert", "hf-to-megatron", "--help").out.split())

@@ -35,6 +35,12 @@ def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
     if cfg.get("layer_types") and cfg.get("sliding_window"):
         windowed = [str(i) for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention"]
         facts["sliding_window"] = f"layers {', '.join(windowed)} windowed ({cfg['sliding_window']}), others full"
+    if cfg.get("qk_norm"):
+        facts["qk_norm"] = "q/k norm per head before RoPE"
+    if cfg.get("rope_local_theta") is not None:
+        windowed = [str(i) for i, kind in enumerate(cfg.get("layer_types") or []) if kind == "sliding_attention"]
+        facts["local_rope"] = (f"windowed layers {', '.join(windowed)}: RoPE base {cfg['rope_local_theta']}, unscaled; "
+                               f"full layers: base {cfg['rope_theta']}")
     if cfg.get("lm_head_bias"):
         facts["lm_head"] = "LM head has a bias"
     return facts

@@ -100,6 +100,35 @@ def _explicit(key: str) -> Codec:
     return Codec((key,), lambda raw: raw.get(key), lambda value, cfg: {key: value})
 
 
+def _gemma3_rope(raw: Mapping[str, Any], layer_type: str) -> dict[str, Any]:
+    """Gemma 3 nests RoPE per layer type in transformers 5; 4.x used rope_theta, rope_scaling (full layers)
+    and rope_local_base_freq (windowed layers)."""
+    nested = (raw.get("rope_parameters") or {}).get(layer_type)
+    if nested is not None:
+        return dict(nested)
+    if layer_type == "sliding_attention":
+        return {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
+    return {**(raw.get("rope_scaling") or {}), "rope_theta": raw.get("rope_theta", 1000000.0)}
+
+
+def _read_gemma3_local_theta(raw: Mapping[str, Any]) -> float:
+    local = _gemma3_rope(raw, "sliding_attention")
+    if local.get("rope_type", "default") != "default":
+        raise RosetoolError(f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r} "
+                            f"(scaled RoPE on windowed layers) is not implemented")
+    return float(local["rope_theta"])
+
+
+def _write_gemma3_rope(scaling: dict[str, Any] | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole of Gemma 3's RoPE, written by the scaling field (it needs both bases)."""
+    full = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg["rope_theta"]}
+    if transformers_major() >= 5:
+        return {"rope_parameters": {"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg["rope_local_theta"]}}}
+    return {"rope_theta": cfg["rope_theta"], "rope_local_base_freq": cfg["rope_local_theta"],
+            **({"rope_scaling": dict(scaling)} if scaling else {})}
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
                            lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
@@ -117,6 +146,18 @@ CODECS: dict[str, Codec] = {
     "hf_attn_logit_softcapping": _explicit("attn_logit_softcapping"),
     "hf_final_logit_softcapping": _explicit("final_logit_softcapping"),
     "hf_sliding_window": _explicit("sliding_window"),
+    "hf_gemma3_rope_theta": Codec(("rope_parameters", "rope_theta"),
+                                  lambda raw: float(_gemma3_rope(raw, "full_attention")["rope_theta"]),
+                                  lambda theta, cfg: {}),
+    "hf_gemma3_rope_local_theta": Codec(("rope_parameters", "rope_local_base_freq"), _read_gemma3_local_theta,
+                                        lambda theta, cfg: {}),
+    "hf_gemma3_rope_scaling": Codec(("rope_parameters", "rope_scaling"),
+                                    lambda raw: _read_rope_scaling({"rope_parameters": _gemma3_rope(raw, "full_attention")}),
+                                    _write_gemma3_rope),
+    # Gemma 3: 4.x configs give sliding_window_pattern (every n-th layer full) instead of layer_types
+    "hf_gemma3_layer_types": Codec(("layer_types", "sliding_window_pattern"), lambda raw: raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % raw.get("sliding_window_pattern", 6) else "full_attention"
+        for i in range(raw["num_hidden_layers"])], lambda layer_types, cfg: {"layer_types": layer_types}),
 }
 
 
@@ -140,12 +181,15 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 # Canonical fields whose `null` default means "absent", not "required".
 _OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
-                       "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types"})
+                       "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types", "rope_local_theta"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:
     if f.codec:
-        return CODECS[f.codec].read(raw)
+        try:
+            return CODECS[f.codec].read(raw)
+        except RosetoolError as exc:
+            raise RosetoolError(f"{where}: unsupported config: {exc}") from None
     if f.key is None or raw.get(f.key) is None:
         if f.value is not None:
             return f.value

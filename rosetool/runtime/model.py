@@ -8,6 +8,7 @@ checked with; the paged engine passes its own function and a flattened batch.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,12 +124,23 @@ class Transformer(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
         self._eager = eager_attention(args)
-        self._inv_freq: torch.Tensor | None = None   # cached per device: no host copy inside a CUDA graph
+        # Gemma 3's windowed layers rotate with their own plain base; every other model has one RoPE
+        local = replace(args, rope_theta=args.rope_local_theta, rope_scaling=None) \
+            if args.rope_local_theta is not None else args
+        self._rope_args = [local if args.layer_window(i) else args for i in range(args.num_layers)]
+        self._inv_freqs: dict[int, torch.Tensor] = {}   # cached per device: no host copy inside a CUDA graph
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_inv_freq(self.args).to(positions.device)
-        return rope_cos_sin(positions, self._inv_freq, self.args.rope_interleaved, dtype)
+    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin for each layer, computed once per distinct RoPE."""
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for a in self._rope_args:
+            key = id(a)
+            if key not in tables:
+                inv = self._inv_freqs.get(key)
+                if inv is None or inv.device != positions.device:
+                    inv = self._inv_freqs[key] = rope_inv_freq(a).to(positions.device)
+                tables[key] = rope_cos_sin(positions, inv, a.rope_interleaved, dtype)
+        return [tables[id(a)] for a in self._rope_args]
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                        attn_fn: AttnFn | None = None) -> torch.Tensor:
@@ -137,13 +149,13 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.args.scale_embeddings:   # Gemma: by sqrt(hidden) rounded to the activation dtype, as HF does
             x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
-        rope = None
+        ropes: list[Any] = [None] * len(self.layers)
         if self.args.position == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = self._rope(positions, x.dtype)
+            ropes = self._ropes(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, rope, attn_fn or self._eager)
+            x = layer(i, x, ropes[i], attn_fn or self._eager)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
