@@ -1,4 +1,4 @@
-"""GPT-NeoX/Pythia, GPT-J, Phi-2, Phi-3 and Gemma 1/2/3: the families with partial or interleaved rotary, parallel
+"""GPT-NeoX/Pythia, GPT-J, Phi-2, Phi-3, Gemma 1/2/3 and GLM-4: the families with partial or interleaved rotary, parallel
 residual blocks, fused HF projections and Gemma's offset norms, each checked against transformers.
 
 Every case is a tiny random transformers model with odd sizes; every parameter is redrawn (norm weights
@@ -35,6 +35,9 @@ GEMMA2 = {**GEMMA, "hidden_size": 52, "num_hidden_layers": 3, "query_pre_attn_sc
 GEMMA3 = {**GEMMA, "hidden_size": 52, "num_hidden_layers": 3, "query_pre_attn_scalar": 21, "sliding_window": 5}
 GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+GLM = dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=82, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=24, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+           pad_token_id=0)
 CASES = {   # name -> (model_type, config, facts `inspect` must report)
     "neox-parallel": ("gpt_neox", {**NEOX, "rotary_pct": 0.4, "use_parallel_residual": True,
                                    "attention_bias": True}, ["rotary: first 8 of 20", "parallel residual"]),
@@ -73,6 +76,10 @@ CASES = {   # name -> (model_type, config, facts `inspect` must report)
                                                      "full_attention": {"rope_type": "default", "rope_theta": 20000.0},
                                                      "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
                                  ["windowed layers 1: RoPE base 500.0", "layers 1 windowed (7)"]),
+    "glm-bias-gqa": ("glm", {**GLM}, ["rotary: first 12 of 24 dims per head, interleaved", "sequential"]),
+    "glm4-sandwich-nobias-tied": ("glm4", {**GLM, "attention_bias": False, "tie_word_embeddings": True,
+                                          "num_key_value_heads": 4, "partial_rotary_factor": 1.0},
+                                  ["rotary: all 24 dims, interleaved", "sandwich norms"]),
 }
 
 

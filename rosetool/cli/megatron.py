@@ -47,7 +47,7 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
 
     Families: GPT-2 and the Llama family. GPT-J, Phi-2 and parallel-residual GPT-NeoX are refused because
     megatron-core has no parallel attention + MLP block, Gemma 2 because it has no logit soft-capping;
-    Phi-3, Gemma 1/3 and sequential GPT-NeoX are not mapped yet.
+    Phi-3, Gemma 1/3, GLM and sequential GPT-NeoX are not mapped yet.
     """
     if ckpt_format not in ("torch", "torch_dist"):
         raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")
