@@ -1,4 +1,7 @@
-"""The runtime's transformer: GPT-2, the Llama family, GPT-NeoX, GPT-J and Phi, native weight layout.
+"""The runtime's transformer for every family (GPT-2, Llama, GPT-NeoX, GPT-J, Phi, Gemma, GLM), native layout.
+
+Families differ in small, named ways, each kept beside this file: RoPE layouts (`rope.py`), norms
+(`norms.py`), soft-capped attention (`softcap.py`); block shape (sequential, parallel, sandwich) is `Block`.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.
@@ -18,8 +21,8 @@ from torch import nn
 
 from ..canonical import ModelArgs
 from .norms import make_norm
-from .softcap import attend
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .softcap import attend
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
