@@ -161,6 +161,14 @@ def test_verify_and_export_hf_work_on_the_family(case, cli, tmp_path):
     assert tensors(tmp_path / "export").keys() == tensors(hf).keys(), name
 
 
+def test_bench_offline_runs_the_family(case, cli):
+    name, _, native, _ = case
+    res = cli("bench", "offline", "--backend", "rosetool", "--model", native, "--num-prompts", "2", "--input-len", "6",
+              "--output-len", "3", "--warmup", "0", "--runs", "1", "--json")
+    assert res.code == 0, (name, res.err)
+    assert json.loads(res.out)["runs"], name
+
+
 def test_inspect_explains_the_family(case, cli):
     name, hf, native, facts = case
     for path in (hf, native):
