@@ -14,7 +14,7 @@ from typing import Any
 from .errors import RosetoolError
 
 ROPE_TYPES = ("llama3", "linear")   # besides plain RoPE; anything else is refused by name
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")   # gemma_rmsnorm: x / rms(x) * (1 + weight)
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 POSITIONS = ("rope", "learned")
 
@@ -23,7 +23,7 @@ POSITIONS = ("rope", "learned")
 class Field:
     """What one canonical field may hold. A config comes from a user's file, so `vocab_size: "500"`
     or `num_heads: 0` is refused here, by name, before it reaches a tensor shape."""
-    kind: str                     # "int", "float", "bool", "str", "dict" or "token_ids"
+    kind: str                     # "int", "float", "bool", "str", "dict", "token_ids" or "str_list"
     low: float | None = None      # inclusive minimum for numbers
     choices: tuple[str, ...] = ()
     optional: bool = False        # None allowed
@@ -33,7 +33,8 @@ class Field:
             return None if self.optional else "is required"
         ok = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
               "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
-              "token_ids": lambda v: _is_int(v) or (isinstance(v, list) and bool(v) and all(map(_is_int, v)))}
+              "token_ids": lambda v: _is_int(v) or (isinstance(v, list) and bool(v) and all(map(_is_int, v))),
+              "str_list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}
         if not ok[self.kind](value):
             return f"must be {_KIND_WORDS[self.kind]}, got {value!r} ({type(value).__name__})"
         if self.choices and value not in self.choices:
@@ -53,7 +54,8 @@ def _is_number(v: Any) -> bool:
 
 
 _KIND_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
-               "dict": "an object", "token_ids": "a token id or a list of token ids"}
+               "dict": "an object", "token_ids": "a token id or a list of token ids",
+               "str_list": "a list of strings"}
 _SIZE = Field("int", low=1)
 _FLAG = Field("bool")
 
@@ -75,6 +77,11 @@ FIELDS: dict[str, Field] = {
     "qkv_bias": _FLAG, "o_bias": _FLAG, "mlp_bias": _FLAG, "qk_norm": _FLAG, "tie_word_embeddings": _FLAG,
     "sliding_window": Field("int", low=1, optional=True),
     "bos_token_id": Field("token_ids", low=0, optional=True), "eos_token_id": Field("token_ids", low=0, optional=True),
+    "partial_rotary_factor": Field("float", low=0.0), "rope_interleaved": _FLAG, "parallel_residual": _FLAG,
+    "shared_norm": _FLAG, "lm_head_bias": _FLAG, "scale_embeddings": _FLAG, "sandwich_norms": _FLAG,
+    "query_pre_attn_scalar": Field("float", low=1e-9, optional=True),
+    "attn_softcap": Field("float", low=1e-9, optional=True), "final_softcap": Field("float", low=1e-9, optional=True),
+    "layer_types": Field("str_list", optional=True), "rope_local_theta": Field("float", low=1e-9, optional=True),
 }
 
 
@@ -104,11 +111,44 @@ class ModelArgs:
     sliding_window: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    # Families beyond Llama (GPT-NeoX, GPT-J, Phi): rotary layout and block shape.
+    partial_rotary_factor: float = 1.0  # rotate the first int(head_dim * factor) dims of each head (HF's rounding)
+    rope_interleaved: bool = False      # GPT-J pairs dims (2i, 2i+1); otherwise rotate-half (first/second half)
+    parallel_residual: bool = False     # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
+    shared_norm: bool = False           # parallel blocks with one norm feeding both branches (GPT-J, Phi-2)
+    lm_head_bias: bool = False
+    scale_embeddings: bool = False      # Gemma: embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False        # Gemma 2: norms after attention and MLP too (post_attn_norm, post_mlp_norm)
+    query_pre_attn_scalar: float | None = None   # attention scale is its -1/2 power (None: head_dim's)
+    attn_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # the same on the output logits
+    layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # Gemma 3: plain RoPE base of windowed layers (None: rope_theta)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer: Gemma 2 alternates windowed and full layers."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def __post_init__(self) -> None:
         check_fields({f.name: getattr(self, f.name) for f in fields(self)})
         if self.num_heads % self.num_kv_heads:
             raise RosetoolError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        rot = int(self.head_dim * self.partial_rotary_factor)
+        if not (0 < rot <= self.head_dim and rot % 2 == 0):
+            raise RosetoolError(f"partial_rotary_factor={self.partial_rotary_factor} rotates {rot} of "
+                                f"head_dim={self.head_dim} dims; it must be an even count, at least 2")
+        if self.shared_norm and not self.parallel_residual:
+            raise RosetoolError("shared_norm=true needs parallel_residual=true")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_layers or
+                                             set(self.layer_types) - {"sliding_attention", "full_attention"}):
+            raise RosetoolError(f"layer_types must give sliding_attention or full_attention for each of "
+                                f"{self.num_layers} layers, got {self.layer_types}")
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..converters.config_map import unknown_fields
 from ..converters.safetensors_io import TensorInfo
+from .family_facts import family_facts
 from .output import out, print_json
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
                      f"rope theta={cfg['rope_theta']} scaling={cfg['rope_scaling'] or 'none'}",
         "tied_embeddings": cfg["tie_word_embeddings"],
         "sliding_window": cfg.get("sliding_window"),
+        **family_facts(cfg),
     }
     return {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.spec.name,

@@ -48,7 +48,12 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
                    legacy: bool = typer.Option(False, "--legacy", help="Legacy Megatron-LM model keys "
                                                "(language_model.*), torch format only."),
                    dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
-    """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP layout."""
+    """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP layout.
+
+    Families: GPT-2 and the Llama family. GPT-J, Phi-2 and parallel-residual GPT-NeoX are refused because
+    megatron-core has no parallel attention + MLP block, Gemma 2 because it has no logit soft-capping;
+    Phi-3, Gemma 1/3, GLM and sequential GPT-NeoX are not mapped yet.
+    """
     if ckpt_format not in ("torch", "torch_dist"):
         raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")
     if legacy and (te_layout or ckpt_format == "torch_dist"):

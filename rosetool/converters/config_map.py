@@ -7,6 +7,7 @@ spellings) go through a named codec here. Unknown fields are reported; fields a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -30,7 +31,7 @@ HF_INERT = frozenset({
 class Codec:
     keys: tuple[str, ...]
     read: Callable[[Mapping[str, Any]], Any]
-    write: Callable[[Any], dict[str, Any]]
+    write: Callable[[Any, Mapping[str, Any]], dict[str, Any]]   # (value, whole canonical config)
 
 
 def _rope_params(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def _rope_params(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_rope_scaling(raw: Mapping[str, Any]) -> dict[str, Any] | None:
-    params = {k: v for k, v in _rope_params(raw).items() if k != "rope_theta"}
+    params = {k: v for k, v in _rope_params(raw).items() if k not in ("rope_theta", "partial_rotary_factor")}
     kind = params.pop("rope_type", None) or params.pop("type", None)
     params.pop("type", None)
     return None if kind in (None, "default") else {"rope_type": kind, **params}
@@ -73,10 +74,90 @@ def _write_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
     return {"rope_scaling": dict(scaling)}
 
 
+def _partial_rotary(legacy_key: str) -> Codec:
+    """HF's partial rotary fraction: `rope_parameters.partial_rotary_factor` in transformers 5, a top-level
+    `legacy_key` in 4.x. Absent: None, so the spec's family default applies."""
+    def read(raw: Mapping[str, Any]) -> float | None:
+        return _rope_params(raw).get("partial_rotary_factor", raw.get("partial_rotary_factor", raw.get(legacy_key)))
+
+    def write(factor: float, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        if transformers_major() >= 5:
+            return {"rope_parameters": {"partial_rotary_factor": factor}}
+        return {legacy_key: factor}
+    return Codec(("rope_parameters", "partial_rotary_factor", legacy_key), read, write)
+
+
+def _read_gptj_rotary(raw: Mapping[str, Any]) -> float:
+    """GPT-J gives a dim count; the factor must give it back through HF's int(head_dim * factor)."""
+    rot, head_dim = raw["rotary_dim"], raw["n_embd"] // raw["n_head"]
+    factor = rot / head_dim
+    return math.nextafter(factor, math.inf) if int(head_dim * factor) < rot else factor   # e.g. 22 * (14 / 22)
+
+
+def _explicit(key: str) -> Codec:
+    """A field written even when null: where transformers' default is not null (Gemma 2's soft-caps and
+    window), leaving it out would switch the feature on."""
+    return Codec((key,), lambda raw: raw.get(key), lambda value, cfg: {key: value})
+
+
+def _gemma3_rope(raw: Mapping[str, Any], layer_type: str) -> dict[str, Any]:
+    """Gemma 3 nests RoPE per layer type in transformers 5; 4.x used rope_theta, rope_scaling (full layers)
+    and rope_local_base_freq (windowed layers)."""
+    nested = (raw.get("rope_parameters") or {}).get(layer_type)
+    if nested is not None:
+        return dict(nested)
+    if layer_type == "sliding_attention":
+        return {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
+    return {**(raw.get("rope_scaling") or {}), "rope_theta": raw.get("rope_theta", 1000000.0)}
+
+
+def _read_gemma3_local_theta(raw: Mapping[str, Any]) -> float:
+    local = _gemma3_rope(raw, "sliding_attention")
+    if local.get("rope_type", "default") != "default":
+        raise RosetoolError(f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r} "
+                            f"(scaled RoPE on windowed layers) is not implemented")
+    return float(local["rope_theta"])
+
+
+def _write_gemma3_rope(scaling: dict[str, Any] | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole of Gemma 3's RoPE, written by the scaling field (it needs both bases)."""
+    full = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg["rope_theta"]}
+    if transformers_major() >= 5:
+        return {"rope_parameters": {"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg["rope_local_theta"]}}}
+    return {"rope_theta": cfg["rope_theta"], "rope_local_base_freq": cfg["rope_local_theta"],
+            **({"rope_scaling": dict(scaling)} if scaling else {})}
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
-                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)), _write_rope_theta),
-    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling, _write_rope_scaling),
+                           lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
+                           lambda theta, cfg: _write_rope_theta(theta)),
+    "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling,
+                             lambda scaling, cfg: _write_rope_scaling(scaling)),
+    "hf_partial_rotary": _partial_rotary("partial_rotary_factor"),   # Phi, Phi-3
+    "hf_rotary_pct": _partial_rotary("rotary_pct"),                  # GPT-NeoX
+    "hf_gptj_rotary_dim": Codec(("rotary_dim",), _read_gptj_rotary,
+                                lambda factor, cfg: {"rotary_dim": int(cfg["head_dim"] * factor)}),
+    # Gemma 2: 4.x configs give no layer_types and mean windowed even layers, full odd ones (0-based)
+    "hf_alternating_layer_types": Codec(("layer_types",), lambda raw: raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(raw["num_hidden_layers"])],
+        lambda layer_types, cfg: {"layer_types": layer_types}),
+    "hf_attn_logit_softcapping": _explicit("attn_logit_softcapping"),
+    "hf_final_logit_softcapping": _explicit("final_logit_softcapping"),
+    "hf_sliding_window": _explicit("sliding_window"),
+    "hf_gemma3_rope_theta": Codec(("rope_parameters", "rope_theta"),
+                                  lambda raw: float(_gemma3_rope(raw, "full_attention")["rope_theta"]),
+                                  lambda theta, cfg: {}),
+    "hf_gemma3_rope_local_theta": Codec(("rope_parameters", "rope_local_base_freq"), _read_gemma3_local_theta,
+                                        lambda theta, cfg: {}),
+    "hf_gemma3_rope_scaling": Codec(("rope_parameters", "rope_scaling"),
+                                    lambda raw: _read_rope_scaling({"rope_parameters": _gemma3_rope(raw, "full_attention")}),
+                                    _write_gemma3_rope),
+    # Gemma 3: 4.x configs give sliding_window_pattern (every n-th layer full) instead of layer_types
+    "hf_gemma3_layer_types": Codec(("layer_types", "sliding_window_pattern"), lambda raw: raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % raw.get("sliding_window_pattern", 6) else "full_attention"
+        for i in range(raw["num_hidden_layers"])], lambda layer_types, cfg: {"layer_types": layer_types}),
 }
 
 
@@ -99,12 +180,16 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id"})
+_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
+                       "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types", "rope_local_theta"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:
     if f.codec:
-        return CODECS[f.codec].read(raw)
+        try:
+            return CODECS[f.codec].read(raw)
+        except RosetoolError as exc:
+            raise RosetoolError(f"{where}: unsupported config: {exc}") from None
     if f.key is None or raw.get(f.key) is None:
         if f.value is not None:
             return f.value
@@ -190,7 +275,7 @@ def write_config(fmt: Format, cfg: Mapping[str, Any]) -> dict[str, Any]:
     for f in fmt.config:
         value = cfg[f.canonical]
         if f.codec:
-            for k, v in CODECS[f.codec].write(value).items():   # codecs may share a nested field
+            for k, v in CODECS[f.codec].write(value, cfg).items():   # codecs may share a nested field
                 out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         elif f.key is not None and value is not None:
             if f.map is not None:

@@ -8,11 +8,13 @@ tokens, already written to the cache before attention runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .softcap import attend
 
 
 @dataclass(slots=True)
@@ -38,7 +40,7 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: AttentionContext,
-                    scale: float, sliding_window: int | None = None) -> Tensor:
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
     """Causal attention of the step's queries ([N, heads, head_dim]) over the paged cache.
 
     Queries are scattered into a padded [B, max_query_len] grid so all sequences run in one SDPA call;
@@ -62,9 +64,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: AttentionC
     group = heads // kv_heads
     keys = keys.repeat_interleave(group, dim=2).to(q.dtype)
     values = values.repeat_interleave(group, dim=2).to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale)
+    out = attend(q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask[:, None], scale, softcap)
     return out.transpose(1, 2)[ctx.token_seq, ctx.token_row]
 
 
@@ -76,10 +76,11 @@ class PagedAttention:
     """
 
     def __init__(self, k_cache: Tensor, v_cache: Tensor, scale: float,
-                 sliding_window: int | None, use_triton: bool):
+                 sliding_window: int | None | Sequence[int | None], use_triton: bool, softcap: float | None = None):
         self.k_cache, self.v_cache = k_cache, v_cache  # [layers, blocks, block_size, kv_heads, D]
         self.scale = scale
-        self.sliding_window = sliding_window
+        self.sliding_window = sliding_window   # one for all layers, or one per layer (Gemma 2 alternates)
+        self.softcap = softcap
         self.use_triton = use_triton
         self.context: AttentionContext | None = None
 
@@ -88,15 +89,17 @@ class PagedAttention:
         assert ctx is not None, "PagedAttention called outside a model-runner step"
         q, k, v = q[0], k[0], v[0]
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        window = self.sliding_window
+        if isinstance(window, Sequence):
+            window = window[layer_idx]
         if self.use_triton:
             from rosetool.runtime import triton_kernels
 
             triton_kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.is_decode:
                 out = triton_kernels.paged_decode_attention(
-                    q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                    self.sliding_window)
+                    q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale, window)
                 return out[None]
         else:
             store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, ctx, self.scale, self.sliding_window)[None]
+        return paged_attention(q, k_cache, v_cache, ctx, self.scale, window, self.softcap)[None]

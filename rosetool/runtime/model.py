@@ -1,4 +1,7 @@
-"""The runtime's transformer: one file, GPT-2 and the Llama family, native weight layout.
+"""The runtime's transformer for every family (GPT-2, Llama, GPT-NeoX, GPT-J, Phi, Gemma, GLM), native layout.
+
+Families differ in small, named ways, each kept beside this file: RoPE layouts (`rope.py`), norms
+(`norms.py`), soft-capped attention (`softcap.py`); block shape (sequential, parallel, sandwich) is `Block`.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.
@@ -8,8 +11,7 @@ checked with; the paged engine passes its own function and a flattened batch.
 
 from __future__ import annotations
 
-import json
-import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .norms import make_norm
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .softcap import attend
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,53 +31,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3's wavelength-dependent scaling or plain linear scaling."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = args.rope_scaling or {}
-    if s.get("rope_type") == "linear":
-        return inv / s["factor"]
-    if s.get("rope_type") == "llama3":
-        old = s["original_max_position_embeddings"]
-        low_wl, high_wl = old / s["low_freq_factor"], old / s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wl, inv / s["factor"], inv)
-        smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-        mid = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
-        return torch.where(is_mid, mid, scaled)
-    return inv
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF and Megatron convention); x [..., T, heads, D], cos/sin [..., T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def make_norm(args: ModelArgs, dim: int | None = None) -> nn.Module:
-    dim = dim or args.hidden_size
-    if args.norm == "rmsnorm":
-        return RMSNorm(dim, args.norm_eps)
-    return nn.LayerNorm(dim, eps=args.norm_eps, bias=args.norm_bias)
-
-
 def eager_attention(args: ModelArgs) -> AttnFn:
-    """Causal attention over each row of a [B, T] batch (positions 0..T-1), with an optional window."""
+    """Causal attention over each row of a [B, T] batch (positions 0..T-1), with each layer's window."""
     def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, heads, T, D]
         groups = args.num_heads // args.num_kv_heads
@@ -80,9 +40,10 @@ def eager_attention(args: ModelArgs) -> AttnFn:
         t = q.shape[2]
         i = torch.arange(t, device=q.device)
         mask = i[None, :] <= i[:, None]
-        if args.sliding_window:
-            mask &= i[:, None] - i[None, :] < args.sliding_window
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        window = args.layer_window(layer)
+        if window:
+            mask &= i[:, None] - i[None, :] < window
+        return attend(q, k, v, mask, args.attn_scale, args.attn_softcap).transpose(1, 2)
     return attn
 
 
@@ -94,8 +55,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(args.hidden_size, q + 2 * kv, bias=args.qkv_bias)
         self.o = nn.Linear(q, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = make_norm(args, args.head_dim)
+            self.k_norm = make_norm(args, args.head_dim)
 
     def forward(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_fn: AttnFn) -> torch.Tensor:
@@ -107,7 +68,7 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, a.rope_interleaved), apply_rope(k, *rope, a.rope_interleaved)
         return self.o(attn_fn(layer, q, k, v).flatten(-2))
 
 
@@ -129,13 +90,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Sequential (x += attn; x += mlp), parallel (both branches read the same x; GPT-J, NeoX, Phi-2) or
+    sequential with sandwich norms (each branch's output normed before it joins the residual; Gemma 2)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.parallel, self.shared_norm, self.sandwich = args.parallel_residual, args.shared_norm, args.sandwich_norms
         self.attn_norm, self.attn = make_norm(args), Attention(args)
-        self.mlp_norm, self.mlp = make_norm(args), MLP(args)
+        self.mlp = MLP(args)
+        if not args.shared_norm:
+            self.mlp_norm = make_norm(args)
+        if args.sandwich_norms:
+            self.post_attn_norm, self.post_mlp_norm = make_norm(args), make_norm(args)
 
     def forward(self, layer: int, x: torch.Tensor, rope: Any, attn_fn: AttnFn) -> torch.Tensor:
-        x = x + self.attn(layer, self.attn_norm(x), rope, attn_fn)
+        h = self.attn_norm(x)
+        attn = self.attn(layer, h, rope, attn_fn)
+        if self.parallel:
+            return x + attn + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+        if self.sandwich:
+            x = x + self.post_attn_norm(attn)
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        x = x + attn
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -149,34 +125,46 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = make_norm(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
         self._eager = eager_attention(args)
-        self._inv_freq: torch.Tensor | None = None   # cached per device: no host copy inside a CUDA graph
+        # Gemma 3's windowed layers rotate with their own plain base; every other model has one RoPE
+        local = replace(args, rope_theta=args.rope_local_theta, rope_scaling=None) \
+            if args.rope_local_theta is not None else args
+        self._rope_args = [local if args.layer_window(i) else args for i in range(args.num_layers)]
+        self._inv_freqs: dict[int, torch.Tensor] = {}   # cached per device: no host copy inside a CUDA graph
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_inv_freq(self.args).to(positions.device)
-        freqs = positions[..., None].float() * self._inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin for each layer, computed once per distinct RoPE."""
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for a in self._rope_args:
+            key = id(a)
+            if key not in tables:
+                inv = self._inv_freqs.get(key)
+                if inv is None or inv.device != positions.device:
+                    inv = self._inv_freqs[key] = rope_inv_freq(a).to(positions.device)
+                tables[key] = rope_cos_sin(positions, inv, a.rope_interleaved, dtype)
+        return [tables[id(a)] for a in self._rope_args]
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                        attn_fn: AttnFn | None = None) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         x = self.embed(input_ids)
-        rope = None
+        if self.args.scale_embeddings:   # Gemma: by sqrt(hidden) rounded to the activation dtype, as HF does
+            x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
+        ropes: list[Any] = [None] * len(self.layers)
         if self.args.position == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = self._rope(positions, x.dtype)
+            ropes = self._ropes(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, rope, attn_fn or self._eager)
+            x = layer(i, x, ropes[i], attn_fn or self._eager)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.args.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        out = F.linear(hidden, self.embed.weight) if self.args.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.args.final_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_fn: AttnFn | None = None) -> torch.Tensor:

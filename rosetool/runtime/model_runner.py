@@ -34,9 +34,11 @@ class ModelRunner:
         shape = (self.args.num_layers, self.num_kv_blocks, self.block_size,
                  self.args.num_kv_heads, self.args.head_dim)
         k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        use_triton = self.device.type == "cuda" and triton_available()
-        self.attention = PagedAttention(k_cache, torch.zeros_like(k_cache), self.args.head_dim ** -0.5,
-                                        self.args.sliding_window, use_triton)
+        # the Triton decode kernel has no soft-cap: capped models (Gemma 2) take the torch path
+        use_triton = self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
+        windows = [self.args.layer_window(i) for i in range(self.args.num_layers)]
+        self.attention = PagedAttention(k_cache, torch.zeros_like(k_cache), self.args.attn_scale,
+                                        windows, use_triton, self.args.attn_softcap)
         self.max_model_len = min(self._model_len_limit(), self.num_kv_blocks * self.block_size)
         self.graphs = None
         if use_triton and not config.enforce_eager:
