@@ -11,6 +11,7 @@ from rich.table import Table
 from ..converters.api import ConvertResult, convert
 from ..converters.sinks import parse_size
 from ..converters.sources import Checkpoint
+from .fast_exit import exit_now_if_console
 from .output import byte_progress, err, out, print_json
 
 app = typer.Typer(help="Convert checkpoints between HF, native and Megatron layouts.", no_args_is_help=True)
@@ -32,6 +33,7 @@ def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[st
         result = convert(src, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
                          on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer)
     report(result, as_json)
+    exit_now_if_console()
     return result
 
 
