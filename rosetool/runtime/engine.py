@@ -50,7 +50,7 @@ class LLM:
         self.tokenizer = info.tokenizer
         self.eos_token_ids = set(info.eos_token_ids)
         self.runner = ModelRunner(self.model, config)
-        if max_model_len is not None and self.runner.max_model_len < max_model_len:
+        if num_kv_blocks is not None and max_model_len is not None and self.runner.max_model_len < max_model_len:
             raise RosetoolError(
                 f"LLM: max_model_len={max_model_len} does not fit the KV pool "
                 f"({self.runner.num_kv_blocks} blocks of {block_size} tokens); raise num_kv_blocks")
