@@ -2,6 +2,7 @@
 lazily backed; and greedy parity on the attention fast paths (equal-length decode, GQA, sliding window)."""
 
 import logging
+import os
 import random
 
 import pytest
@@ -71,7 +72,13 @@ def test_small_free_memory_lowers_max_model_len_with_warning(model, monkeypatch,
 
 def test_cpu_threads_follow_affinity_or_the_environment(monkeypatch):
     monkeypatch.delenv("ROSETOOL_NUM_THREADS", raising=False)
-    assert 1 <= host.cpu_threads() <= len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert host.cpu_threads() == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.6, 0.0, 0.0))   # others keep all but one busy
+    assert host.cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 9.0, 0.0, 0.0))
+    assert host.cpu_threads() == 1
     monkeypatch.setenv("ROSETOOL_NUM_THREADS", "3")
     assert host.cpu_threads() == 3
     monkeypatch.setenv("ROSETOOL_NUM_THREADS", "zero")
