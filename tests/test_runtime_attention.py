@@ -64,6 +64,25 @@ def test_paged_attention_matches_dense(query_lens, window):
         start += q_len
 
 
+# The fast paths: equal-length decode (no mask, window as a slice), one fresh prompt (causal, no mask),
+# one chunked prompt, single-query groups, and the general masked grid; 1, 2 and 6 query heads per K/V head.
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("seq_lens,query_lens", [
+    ([13, 13, 13, 13], [1, 1, 1, 1]), ([13], [13]), ([22], [6]), ([5, 17], [5, 1]), ([1, 1], [1, 1]),
+])
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (6, 1)])
+def test_paged_attention_fast_paths_match_dense(seq_lens, query_lens, window, heads, kv_heads):
+    head_dim = 8
+    k_cache, v_cache, ctx, dense = build_paged(seq_lens, query_lens, 32, 4, kv_heads, head_dim, seed=len(seq_lens))
+    q = torch.randn(sum(query_lens), heads, head_dim)
+    out = paged_attention(q, k_cache, v_cache, ctx, 1 / math.sqrt(head_dim), window)
+    start = 0
+    for (k, v), q_len, n in zip(dense, query_lens, seq_lens):
+        expected = dense_attention(q[start:start + q_len], k, v, torch.arange(n - q_len, n), window)
+        torch.testing.assert_close(out[start:start + q_len], expected, rtol=1e-5, atol=1e-5)
+        start += q_len
+
+
 def test_store_kv_skips_padding_slots():
     k_cache = torch.zeros(2, 2, 1, 2)
     v_cache = torch.zeros_like(k_cache)

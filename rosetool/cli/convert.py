@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import RosetoolError
 from .help import examples, sub_app
+from .fast_exit import exit_now_if_console
 from .output import byte_progress, err, out, print_json
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[st
     if to == "hf" and not has_tokenizer(Path(dst)):
         err.print(f"[yellow]warning:[/] {dst} has no tokenizer files; vLLM and AutoTokenizer need them: "
                   f"pass --tokenizer PATH_OR_HUB_ID", highlight=False, soft_wrap=True)
+    exit_now_if_console()
     return result
 
 

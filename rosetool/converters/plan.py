@@ -165,14 +165,37 @@ def _group(reads: list[Step], writes: list[Step]) -> list[Group]:
     return list(groups.values())
 
 
+def cancel_equal_chains(reads: list[Step], writes: list[Step]) -> tuple[list[Step], list[Step]]:
+    """A write with the same sources and ops as a read is that read's tensor as stored (HF -> HF,
+    Megatron -> Megatron): plan it as an identity copy through a canonical alias, so the executor can
+    move its bytes in the kernel instead of undoing and redoing every op. Reads no group needs any
+    more drop out in `_group`."""
+    by_chain = {(r.sources, r.chain): r for r in reads}
+    aliases: list[Step] = []
+    out: list[Step] = []
+    for w in writes:
+        r = by_chain.get((w.sources, w.chain))
+        if r is None:
+            out.append(w)
+            continue
+        alias = (f"={r.key}",)
+        identity = Chain(())
+        trace = identity.trace([r.shape])
+        aliases.append(Step(r.key, alias, identity, trace, r.tp))
+        out.append(Step(w.key, alias, identity, trace, w.tp))
+    return reads + aliases, out
+
+
 def make_plan(ckpt: Checkpoint, dst_format: str, dtype: torch.dtype | None = None,
-              dst_params: Mapping[str, Any] | None = None) -> Plan:
+              dst_params: Mapping[str, Any] | None = None, cancel: bool = True) -> Plan:
+    """`cancel=False` keeps every write expressed over canonical tensors (a tensor-parallel rank slices
+    those), instead of copying same-layout tensors through as stored."""
     spec, config = ckpt.spec, ckpt.config
     src_fmt = spec.format(ckpt.format)
     reads = expand_format(spec, src_fmt, config, ckpt.info.get("params"))
     source_keys = match_source(ckpt, src_fmt, reads)
     writes = expand_format(spec, spec.format(dst_format), config, dst_params)
-    groups = _group(reads, writes)
+    groups = _group(*cancel_equal_chains(reads, writes)) if cancel else _group(reads, writes)
     outputs = []
     for g in groups:
         src_dtype = ckpt.tensors[source_keys[g.reads[0].key]].dtype

@@ -43,29 +43,59 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: AttentionC
                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
     """Causal attention of the step's queries ([N, heads, head_dim]) over the paged cache.
 
-    Queries are scattered into a padded [B, max_query_len] grid so all sequences run in one SDPA call;
-    padding rows get position 0 (they see key 0 only) so no row is fully masked.
+    Queries sit in a padded [B, max_query_len] grid so all sequences run in one SDPA call; padding rows
+    get position 0 (they see key 0 only) so no row is fully masked. Keys are gathered slot by slot up
+    to the longest context only, K/V heads are shared by their query groups inside SDPA (`enable_gqa`,
+    no copies), and the mask is left out when every query sees every gathered key (a decode step of
+    equal-length sequences) or plain causality covers it (one fresh prompt). Options for other
+    attention variants arrive as further keyword arguments.
     """
-    num_seqs = ctx.block_tables.shape[0]
-    heads, head_dim = q.shape[1], q.shape[2]
-    kv_heads = k_cache.shape[2]
-    q_pad = q.new_zeros(num_seqs, ctx.max_query_len, heads, head_dim)
-    q_pad[ctx.token_seq, ctx.token_row] = q
-    q_pos = torch.zeros(num_seqs, ctx.max_query_len, dtype=torch.long, device=q.device)
-    q_pos[ctx.token_seq, ctx.token_row] = ctx.positions
+    num_seqs, query_len = ctx.block_tables.shape[0], ctx.max_query_len
+    lens = ctx.context_lens.tolist() if ctx.context_lens.device.type == "cpu" else None
+    if ctx.is_decode:
+        q_pad = q[:, None]   # one token per sequence, in batch order
+    elif num_seqs == 1:
+        q_pad = q[None]      # the one sequence's new tokens, in order
+    else:
+        q_pad = q.new_zeros(num_seqs, query_len, *q.shape[1:])
+        q_pad[ctx.token_seq, ctx.token_row] = q
+    span = max(lens) if lens else ctx.block_tables.shape[1] * k_cache.shape[1]
+    first = 0
+    uniform = lens is not None and min(lens) == span
+    if uniform and ctx.is_decode and sliding_window is not None:
+        first = max(0, span - sliding_window)   # the window is a slice when every query is last
+    keys, values = gather_kv(k_cache, v_cache, ctx.block_tables, first, span)
+    mask, causal = None, False
+    if not (uniform and ctx.is_decode):
+        if uniform and num_seqs == 1 and query_len == span and sliding_window is None:
+            causal = True
+        else:
+            mask = _mask(ctx, q_pad.shape[1], span, sliding_window)
+    out = attend(q_pad.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                 mask, scale, softcap, is_causal=causal)
+    out = out.transpose(1, 2)
+    if ctx.is_decode:
+        return out[:, 0]
+    return out[0] if num_seqs == 1 else out[ctx.token_seq, ctx.token_row]
 
-    keys = k_cache[ctx.block_tables].flatten(1, 2)  # [B, max_blocks * block_size, kv_heads, D]
-    values = v_cache[ctx.block_tables].flatten(1, 2)
-    key_pos = torch.arange(keys.shape[1], device=q.device)
+
+def gather_kv(k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, first: int, end: int) -> tuple[Tensor, Tensor]:
+    """Each sequence's cached K/V for positions [first, end): [B, end - first, kv_heads, head_dim]."""
+    block_size = k_cache.shape[1]
+    pos = torch.arange(first, end, device=block_tables.device)
+    slots = block_tables[:, pos // block_size] * block_size + pos % block_size
+    return k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+
+
+def _mask(ctx: AttentionContext, query_len: int, span: int, sliding_window: int | None) -> Tensor:
+    """[B, 1, query_len, span]: key j is visible to a query at position p when j <= p (and p - j < window)."""
+    q_pos = torch.zeros(ctx.block_tables.shape[0], query_len, dtype=torch.long, device=ctx.positions.device)
+    q_pos[ctx.token_seq, ctx.token_row] = ctx.positions
+    key_pos = torch.arange(span, device=q_pos.device)
     mask = key_pos[None, None, :] <= q_pos[:, :, None]
     if sliding_window is not None:
         mask &= q_pos[:, :, None] - key_pos[None, None, :] < sliding_window
-
-    group = heads // kv_heads
-    keys = keys.repeat_interleave(group, dim=2).to(q.dtype)
-    values = values.repeat_interleave(group, dim=2).to(q.dtype)
-    out = attend(q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask[:, None], scale, softcap)
-    return out.transpose(1, 2)[ctx.token_seq, ctx.token_row]
+    return mask[:, None]
 
 
 class PagedAttention:

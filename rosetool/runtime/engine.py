@@ -61,7 +61,7 @@ class LLM:
         self._model_args = info.args
         self.tokenizer = info.tokenizer
         self.eos_token_ids = set(info.eos_token_ids)
-        if max_model_len is not None and self.runner.max_model_len < max_model_len:
+        if num_kv_blocks is not None and max_model_len is not None and self.runner.max_model_len < max_model_len:
             self.close()
             raise RosetoolError(
                 f"LLM: max_model_len={max_model_len} does not fit the KV pool "

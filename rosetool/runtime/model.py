@@ -34,9 +34,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def eager_attention(args: ModelArgs) -> AttnFn:
     """Causal attention over each row of a [B, T] batch (positions 0..T-1), with each layer's window."""
     def attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, heads, T, D]
-        groups = args.num_heads // args.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, heads, T, D]; K/V shared by groups
         t = q.shape[2]
         i = torch.arange(t, device=q.device)
         mask = i[None, :] <= i[:, None]

@@ -14,13 +14,13 @@ from torch import Tensor
 
 from rosetool.runtime.attention import AttentionContext, PagedAttention
 from rosetool.runtime.config import EngineConfig
+from rosetool.runtime.host import available_memory, cpu_threads, lazily_zeroed
 from rosetool.runtime.scheduler import ScheduledBatch
 from rosetool.runtime.sampler import sample
 from rosetool.runtime.triton_kernels import triton_available
+from rosetool.errors import RosetoolError
 
 log = logging.getLogger(__name__)
-
-CPU_KV_BUDGET_BYTES = 1 << 30
 
 
 class ModelRunner:
@@ -30,16 +30,25 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads())   # see runtime/host.py: the default oversubscribes
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
         shape = (self.args.num_layers, self.num_kv_blocks, self.block_size,
                  self.args.num_kv_heads, self.args.head_dim)
-        k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            k_cache, v_cache = lazily_zeroed(shape, self.dtype), lazily_zeroed(shape, self.dtype)
+        else:
+            k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v_cache = torch.zeros_like(k_cache)
         # the Triton decode kernel has no soft-cap: capped models (Gemma 2) take the torch path
         use_triton = self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
         windows = [self.args.layer_window(i) for i in range(self.args.num_layers)]
-        self.attention = PagedAttention(k_cache, torch.zeros_like(k_cache), self.args.attn_scale,
-                                        windows, use_triton, self.args.attn_softcap)
+        self.attention = PagedAttention(k_cache, v_cache, self.args.attn_scale, windows, use_triton,
+                                        self.args.attn_softcap)
         self.max_model_len = min(self._model_len_limit(), self.num_kv_blocks * self.block_size)
+        if self.max_model_len < self._model_len_limit():
+            log.warning("KV pool of %d blocks holds %d tokens: max_model_len lowered from %d to %d",
+                        self.num_kv_blocks, self.max_model_len, self._model_len_limit(), self.max_model_len)
         self.graphs = None
         if use_triton and not config.enforce_eager:
             self.graphs = self._capture_graphs()
@@ -58,8 +67,17 @@ class ModelRunner:
         one_seq = self._blocks_for(self._model_len_limit())
         if self.device.type == "cuda":
             return max(one_seq, self._cuda_free_blocks())
-        all_seqs = self._blocks_for(self.config.max_num_seqs * self._model_len_limit())
-        return min(all_seqs, max(one_seq, CPU_KV_BUDGET_BYTES // self._block_bytes()))
+        return self._cpu_blocks(one_seq)
+
+    def _cpu_blocks(self, one_seq: int) -> int:
+        """Like `gpu_memory_utilization` on CUDA: that fraction of available memory, capped by what
+        `max_num_seqs` full contexts can use. Pages are backed only once written (runtime/host.py),
+        so the cap costs nothing until sequences fill it."""
+        fits = int(available_memory() * self.config.gpu_memory_utilization) // self._block_bytes()
+        if fits < 1:
+            raise RosetoolError("LLM: not enough free memory for one KV block "
+                                f"({self._block_bytes():,} bytes); lower block_size or free memory")
+        return min(fits, self.config.max_num_seqs * one_seq)
 
     @torch.inference_mode()
     def _cuda_free_blocks(self) -> int:

@@ -132,7 +132,7 @@ def _direct_reads(plan: Plan, ckpt: Checkpoint, steps: list[Step]) -> dict[str, 
 
 def shard_state(ckpt: Checkpoint, rank: int, world: int) -> dict[str, torch.Tensor]:
     """Rank `rank`'s native tensors, group by group (one plan group alive at a time)."""
-    plan = make_plan(ckpt, "native")
+    plan = make_plan(ckpt, "native", cancel=False)
     fmt = ckpt.spec.format("native")
     env = format_env(fmt, ckpt.config)
     where = str(ckpt.spec.file)
