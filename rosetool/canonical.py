@@ -7,7 +7,7 @@ runtime cannot run is refused here, by field name, at conversion time as well as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import RosetoolError
@@ -43,6 +43,16 @@ class ModelArgs:
     sliding_window: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    # Mixture of experts (0 experts = dense). A layer is MoE unless listed in mlp_only_layers, the one
+    # list HF's decoder_sparse_step/mlp_only_layers and Megatron's moe_layer_freq fold into.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    norm_topk_prob: bool = False
+    mlp_only_layers: list[int] = field(default_factory=list)
+    qk_norm_full_width: bool = False   # OLMoE: q/k RMSNorm over all heads at once, not per head
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -54,6 +64,26 @@ class ModelArgs:
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise RosetoolError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                                f"{self.num_experts}")
+        if not self.glu or self.mlp_bias:
+            raise RosetoolError("MoE layers are gated (glu) and bias-free; got "
+                                f"glu={self.glu}, mlp_bias={self.mlp_bias}")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise RosetoolError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0)")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise RosetoolError(f"mlp_only_layers {outside} are not layers of a {self.num_layers}-layer model")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.mlp_only_layers
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelArgs":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .moe import MoE
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -93,18 +94,20 @@ class Attention(nn.Module):
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv = nn.Linear(args.hidden_size, q + 2 * kv, bias=args.qkv_bias)
         self.o = nn.Linear(q, args.hidden_size, bias=args.o_bias)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        if args.qk_norm or args.qk_norm_full_width:
+            self.q_norm = RMSNorm(q if args.qk_norm_full_width else args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(kv if args.qk_norm_full_width else args.head_dim, args.norm_eps)
 
     def forward(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_fn: AttnFn) -> torch.Tensor:
         a = self.args
         q, k, v = self.qkv(x).split([a.num_heads * a.head_dim] + [a.num_kv_heads * a.head_dim] * 2, dim=-1)
+        if a.qk_norm_full_width:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.unflatten(-1, (a.num_heads, a.head_dim))
         k = k.unflatten(-1, (a.num_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.num_kv_heads, a.head_dim))
-        if a.qk_norm:
+        if a.qk_norm and not a.qk_norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -112,13 +115,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ffn: int | None = None):
         super().__init__()
         self.glu = args.glu
         self.act = _ACTIVATIONS[args.activation]
-        width = args.intermediate_size * (2 if args.glu else 1)
-        self.up = nn.Linear(args.hidden_size, width, bias=args.mlp_bias)
-        self.down = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        ffn = ffn or args.intermediate_size    # an MoE layer's shared expert has its own width
+        self.up = nn.Linear(args.hidden_size, ffn * (2 if args.glu else 1), bias=args.mlp_bias)
+        self.down = nn.Linear(ffn, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -129,14 +132,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attn_norm, self.attn = make_norm(args), Attention(args)
-        self.mlp_norm, self.mlp = make_norm(args), MLP(args)
+        self.mlp_norm = make_norm(args)
+        self.mlp = self.moe = None     # one of them: native keys say `mlp` or `moe` by layer kind
+        if args.is_moe_layer(layer):
+            shared = MLP(args, args.shared_expert_intermediate_size) if args.shared_expert_intermediate_size else None
+            self.moe = MoE(args, _ACTIVATIONS[args.activation], shared)
+        else:
+            self.mlp = MLP(args)
 
     def forward(self, layer: int, x: torch.Tensor, rope: Any, attn_fn: AttnFn) -> torch.Tensor:
         x = x + self.attn(layer, self.attn_norm(x), rope, attn_fn)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + (self.mlp if self.moe is None else self.moe)(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -146,7 +155,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         if args.position == "learned":
             self.pos_embed = nn.Embedding(args.max_position_embeddings, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = make_norm(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
