@@ -21,7 +21,9 @@ from rosetool.converters.megatron.unpickler import load_rank_file
 def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
     """The CUDA calls megatron-core makes on its CPU path; pass a MonkeyPatch's setattr to undo them later."""
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
     setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    setattr(moe_utils, "te_general_gemm", None)     # the router references it unguarded without TE
     setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
     setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
 
@@ -46,10 +48,29 @@ def _activation(args: Any):
     return (lambda x: F.gelu(x, approximate="tanh")) if args.openai_gelu else F.gelu
 
 
+def _moe_config(args: Any) -> dict[str, Any]:
+    """TransformerConfig's MoE fields from Megatron-LM's args (none for a dense model); experts run
+    sequentially (local spec), dispatched by all-gather, with no auxiliary loss."""
+    if not getattr(args, "num_experts", None):
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=getattr(args, "moe_shared_expert_intermediate_size", None),
+        moe_shared_expert_gate=getattr(args, "moe_shared_expert_gate", False),
+        moe_layer_freq=getattr(args, "moe_layer_freq", 1),
+        moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
+        moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
+        moe_router_topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
+        expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
+        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0)
+
+
 def build_model(args: Any) -> torch.nn.Module:
     """A GPTModel shaped by a checkpoint's `args` (so the test also checks the args rosetool writes)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
     torch.manual_seed(1234)
     cfg = TransformerConfig(
@@ -58,8 +79,12 @@ def build_model(args: Any) -> torch.nn.Module:
         tensor_model_parallel_size=args.tensor_model_parallel_size, use_cpu_initialization=True,
         normalization=args.normalization, gated_linear_unit=args.swiglu, activation_func=_activation(args),
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, layernorm_epsilon=args.layernorm_epsilon,
-        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        **_moe_config(args))
+    if cfg.num_moe_experts:    # a block spec, since MoE and dense layers may alternate
+        spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=args.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     model = GPTModel(cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
