@@ -73,10 +73,24 @@ def _write_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
     return {"rope_scaling": dict(scaling)}
 
 
+def _read_mlp_only_layers(raw: Mapping[str, Any]) -> list[int]:
+    """Qwen-MoE: a layer is dense if listed, or if (i + 1) is not a multiple of decoder_sparse_step;
+    both fold into the one canonical list."""
+    step = raw.get("decoder_sparse_step") or 1
+    every = range(raw.get("num_hidden_layers") or 0)
+    return sorted(set(raw.get("mlp_only_layers") or ()) | {i for i in every if (i + 1) % step})
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
                            lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)), _write_rope_theta),
     "hf_rope_scaling": Codec(("rope_scaling", "rope_parameters"), _read_rope_scaling, _write_rope_scaling),
+    "hf_mlp_only_layers": Codec(("mlp_only_layers", "decoder_sparse_step"), _read_mlp_only_layers,
+                                lambda layers: {"mlp_only_layers": list(layers), "decoder_sparse_step": 1}),
+    # transformers 5 saves Qwen3-MoE's expert count as num_local_experts; the hub spells it num_experts
+    "hf_num_experts": Codec(("num_experts", "num_local_experts"),
+                            lambda raw: raw.get("num_experts") or raw.get("num_local_experts"),
+                            lambda n: {"num_experts": n}),
 }
 
 
