@@ -23,6 +23,7 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
                      f"rope theta={cfg['rope_theta']} scaling={cfg['rope_scaling'] or 'none'}",
         "tied_embeddings": cfg["tie_word_embeddings"],
         "sliding_window": cfg.get("sliding_window"),
+        **_moe_summary(cfg),
     }
     return {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.spec.name,
@@ -33,6 +34,21 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
                     for k, t in sorted(ckpt.tensors.items(), key=lambda kv: _natural(kv[0]))],
     }
 
+
+
+def _moe_summary(cfg: dict[str, Any]) -> dict[str, Any]:
+    if not cfg.get("num_experts"):
+        return {}
+    dense = set(cfg.get("mlp_only_layers") or ())
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    return {
+        "experts": f"{cfg['num_experts']} experts, top-{cfg['num_experts_per_tok']} "
+                   f"({'renormalised' if cfg.get('norm_topk_prob') else 'raw softmax'} weights), "
+                   f"expert ffn {cfg.get('moe_intermediate_size')}",
+        "shared_expert": f"ffn {shared}{', sigmoid gate' if cfg.get('shared_expert_gate') else ''}" if shared else "none",
+        "moe_layers": f"{[i for i in range(cfg['num_layers']) if i not in dense]} "
+                      f"(dense: {sorted(dense) if dense else 'none'})",
+    }
 
 
 def _natural(key: str) -> list[Any]:

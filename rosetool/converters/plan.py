@@ -103,10 +103,10 @@ def expand_format(spec: ArchSpec, fmt: Format, config: Mapping[str, Any],
     env = format_env(fmt, config, params)
     steps = []
     for e in fmt.entries:
-        if e.when is not None and not expr.evaluate(e.when, env):
-            continue
         chain = Chain(tuple(build_op(op, env) for op in e.ops))
         for layer, expert in _instances(e.key, config):
+            if e.when is not None and not expr.evaluate(e.when, {**env, "i": layer}):
+                continue
             sources = _expand_sources(e.sources, layer, expert, config)
             if not sources or not all(s in shapes for s in sources):
                 continue

@@ -153,7 +153,7 @@ def _parse_entry(chk: _Checker, where: str, key: str, raw: Any, tensors: set[str
             chk.fail(where, f"unknown op {name!r}; known ops: {sorted(OP_BUILDERS)}")
         for leaf in _leaves(arg):
             chk.expression(where, leaf, known)
-    chk.expression(where, raw.get("when"), known)
+    chk.expression(where, raw.get("when"), known | ({"i"} if LAYER in key else set()))
     return Entry(key, sources, tuple(raw.get("ops") or ()), raw.get("when"), raw.get("tp"))
 
 
