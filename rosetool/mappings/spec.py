@@ -153,6 +153,9 @@ def _parse_entry(chk: _Checker, where: str, key: str, raw: Any, tensors: set[str
             chk.fail(where, f"unknown op {name!r}; known ops: {sorted(OP_BUILDERS)}")
         for leaf in _leaves(arg):
             chk.expression(where, leaf, known)
+    op_names = {op if isinstance(op, str) else next(iter(op)) for op in raw.get("ops") or ()}
+    if EXPERT not in key and any(EXPERT in src for src in sources) and "stack" not in op_names:
+        chk.fail(where, f"{key!r} takes every expert's tensors, so its ops must stack them")
     chk.expression(where, raw.get("when"), known | ({"i"} if LAYER in key else set()))
     return Entry(key, sources, tuple(raw.get("ops") or ()), raw.get("when"), raw.get("tp"))
 
