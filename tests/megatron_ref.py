@@ -23,17 +23,18 @@ def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
     from megatron.core.tensor_parallel import random
     from megatron.core.transformer.moe import moe_utils
     setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
-    setattr(moe_utils, "te_general_gemm", None)     # the router references it unguarded without TE
+    if not hasattr(moe_utils, "te_general_gemm"):   # 0.16.1's router references it unguarded without TE
+        moe_utils.te_general_gemm = None
     setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
     setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
 
 
-def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533) -> None:
+def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533, ep: int = 1) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
-    parallel_state.initialize_model_parallel(tp, 1)
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
 
 
 def shutdown() -> None:
@@ -138,6 +139,46 @@ def tp_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, p
     patch_for_cpu()
     init_parallel(rank, world, world, port)
     result = logits_from_rank_file(Path(folder) / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", ids)
+    if rank == 0:
+        torch.save(result, out)
+    shutdown()
+
+
+def randomise(model: torch.nn.Module, expert_seed: int = 0) -> None:
+    """Norms around 1, everything else around 0, all drawn at random (megatron-core's init leaves norms at 1
+    and biases at 0, which would hide a misplaced one). Each EP rank passes its own `expert_seed`, so every
+    global expert differs and a converter that copied one rank's experts to the others would show."""
+    shared, experts = torch.Generator().manual_seed(0), torch.Generator().manual_seed(100 + expert_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=experts if ".local_experts." in name else shared)
+            p.copy_(1 + 0.2 * noise if "layernorm" in name else 0.2 * noise)
+
+
+def save_torch(model: torch.nn.Module, args: Any, folder: Path, iteration: int, rank_dir: str = "mp_rank_00") -> None:
+    """Save one rank as Megatron-LM does with --ckpt-format torch."""
+    rank = folder / f"iter_{iteration:07d}" / rank_dir / "model_optim_rng.pt"
+    rank.parent.mkdir(parents=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.state_dict()}, rank)
+
+
+def ep_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int, args: Any = None) -> None:
+    """One rank of an EP=world run over gloo (Megatron-LM's rank folder mp_rank_00_{ep:03d}); rank 0 saves
+    the logits. With `args`, megatron-core builds, randomises and saves its own checkpoint under `folder`;
+    without, the rank loads rosetool's rank file from `folder` strictly."""
+    patch_for_cpu()
+    init_parallel(rank, world, port=port, ep=world)
+    rank_dir = f"mp_rank_00_{rank:03d}"
+    if args is None:
+        file_args, state = load_rank(Path(folder) / rank_dir / "model_optim_rng.pt")
+        model = build_model(file_args)
+        model.load_state_dict(state, strict=True)
+    else:
+        model = build_model(args)
+        randomise(model, expert_seed=rank)
+        save_torch(model, args, Path(folder), 1, rank_dir)
+    result = logits(model, ids)
     if rank == 0:
         torch.save(result, out)
     shutdown()
