@@ -87,3 +87,12 @@ def test_refused_config_is_named(tmp_path):
     hf = build_moe_hf("olmoe", tmp_path / "hf", clip_qkv=2.0)
     with pytest.raises(Exception, match="clip_qkv"):
         convert(hf, tmp_path / "out", "native")
+
+
+def test_verify_passes_against_transformers(moe_hf, tmp_path, cli):
+    name, hf = moe_hf
+    convert(hf, tmp_path / "native", "native")
+    result = cli("verify", hf, tmp_path / "native")
+    assert result.code == 0 and "PASS" in result.out, result.out + result.err
+    result = cli("inspect", hf)
+    assert result.code == 0 and "experts, top-" in result.out and "unmapped config" not in result.out
