@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
         moe_utils.te_general_gemm = None
     setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
     setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: engineers and CI runs share this machine's fixed ports."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533, ep: int = 1) -> None:

@@ -44,7 +44,7 @@ def mcore() -> Iterator[None]:
     """One gloo process of world size 1; CUDA patches undone afterwards."""
     with pytest.MonkeyPatch.context() as mp:
         ref.patch_for_cpu(mp.setattr)
-        ref.init_parallel(port=29561)
+        ref.init_parallel(port=ref.free_port())
         yield
         ref.shutdown()
 
@@ -77,8 +77,8 @@ def test_hf_to_megatron_ep2_runs_in_two_process_expert_parallel_megatron_core(tm
     src = build_moe_hf("qwen2_moe", tmp_path / "hf", num_experts=4, mlp_only_layers=[2])
     cli("convert", "hf-to-megatron", src, tmp_path / "mg", "--ep", 2)
     out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(ref.ep_worker, args=(2, str(tmp_path / "mg" / "release"), IDS, str(out), 29573),
-                                nprocs=2, join=True)
+    ranks = str(tmp_path / "mg" / "release")
+    torch.multiprocessing.spawn(ref.ep_worker, args=(2, ranks, IDS, str(out), ref.free_port()), nprocs=2, join=True)
     torch.testing.assert_close(torch.load(out)[..., :VOCAB], hf_logits(src), atol=1e-4, rtol=0)
 
 
@@ -118,7 +118,7 @@ def test_megatron_core_ep2_checkpoint_gathers_every_expert(tmp_path: Path) -> No
     """megatron-core itself trains and saves with EP=2 (each rank its own experts); HF must get all of them."""
     args = megatron_lm_args("qwen2", ep=2)
     out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(ref.ep_worker, args=(2, str(tmp_path / "mg"), IDS, str(out), 29581, args),
+    torch.multiprocessing.spawn(ref.ep_worker, args=(2, str(tmp_path / "mg"), IDS, str(out), ref.free_port(), args),
                                 nprocs=2, join=True)
     assert sorted(p.name for p in (tmp_path / "mg" / "iter_0000001").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
     cli("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "hf", "--vocab-size", VOCAB)
