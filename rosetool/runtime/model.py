@@ -1,4 +1,4 @@
-"""The runtime's transformer: one file, GPT-2 and the Llama family, native weight layout.
+"""The runtime's transformer: one file, GPT-2 and the Llama family (MoE layers from moe.py), native weight layout.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.

@@ -46,8 +46,8 @@ def reference_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Ten
 
 
 def _grouped_mm_fits(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
-    """F.grouped_mm wants row strides of whole 16-byte units; on CUDA it takes bfloat16 only."""
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+    """F.grouped_mm wants row strides of whole 16-byte units; on CUDA it takes bfloat16 on sm80+ only."""
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
         return False
     return all(n * x.element_size() % 16 == 0 for n in (up.shape[1], up.shape[2], down.shape[2]))
 
