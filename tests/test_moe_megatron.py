@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -125,38 +126,34 @@ def ep2(tmp_path: Path) -> Path:
     return tmp_path / "mg"
 
 
-def _edit(path: Path, change) -> None:
-    blob = load_rank_file(path)
-    change(blob["model"])
-    torch.save(blob, path.with_suffix(".new"))
-    path.with_suffix(".new").replace(path)
+def _edit(rank_dir: str, change) -> Callable[[Path], None]:
+    def damage(mg: Path) -> None:
+        path = mg / "release" / rank_dir / "model_optim_rng.pt"
+        blob = load_rank_file(path)
+        change(blob["model"])
+        torch.save(blob, path.with_suffix(".new"))
+        path.with_suffix(".new").replace(path)
+    return damage
 
 
-def test_expert_missing_on_one_ep_rank(ep2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    key = "decoder.layers.2.mlp.experts.local_experts.1.linear_fc2.weight"
-    _edit(ep2 / "release" / "mp_rank_00_001" / "model_optim_rng.pt", lambda m: m.pop(key))
+_FC2 = "decoder.layers.2.mlp.experts.local_experts.1.linear_fc2.weight"
+_FC1 = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (_edit("mp_rank_00_001", lambda m: m.pop(_FC2)), ["mp_rank_00_001/model_optim_rng.pt", _FC2, "missing"]),
+    (_edit("mp_rank_00_001", lambda m: m.__setitem__("decoder.layers.0.mlp.experts.linear_fc1.weight0", m.pop(_FC1))),
+     ["mp_rank_00_001/model_optim_rng.pt", "linear_fc1.weight0", "mixes expert layouts"]),
+    (lambda mg: shutil.rmtree(mg / "release" / "mp_rank_00_001"),
+     ["mp_rank_00_001/model_optim_rng.pt: missing rank file", "EP=2"]),
+], ids=["expert-missing-on-one-ep-rank", "mixed-expert-layouts", "missing-ep-rank-folder"])
+def test_damaged_ep_checkpoints_fail_in_one_line(ep2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 damage, expected: list[str]) -> None:
+    damage(ep2)
     capsys.readouterr()
     assert run("convert", "megatron-to-hf", ep2, tmp_path / "out") == 2
     line = error_line(capsys)
-    assert "mp_rank_00_001/model_optim_rng.pt" in line and key in line and "missing" in line
-
-
-def test_mixed_expert_layouts(ep2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    local = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
-    _edit(ep2 / "release" / "mp_rank_00_001" / "model_optim_rng.pt",
-          lambda m: m.__setitem__("decoder.layers.0.mlp.experts.linear_fc1.weight0", m.pop(local)))
-    capsys.readouterr()
-    assert run("convert", "megatron-to-hf", ep2, tmp_path / "out") == 2
-    line = error_line(capsys)
-    assert "mp_rank_00_001/model_optim_rng.pt" in line and "linear_fc1.weight0" in line and "mixes expert layouts" in line
-
-
-def test_missing_ep_rank_folder(ep2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    shutil.rmtree(ep2 / "release" / "mp_rank_00_001")
-    capsys.readouterr()
-    assert run("convert", "megatron-to-hf", ep2, tmp_path / "out") == 2
-    line = error_line(capsys)
-    assert "mp_rank_00_001/model_optim_rng.pt: missing rank file" in line and "EP=2" in line
+    assert all(part in line for part in expected), line
 
 
 @pytest.mark.parametrize("name,flags,message", [
