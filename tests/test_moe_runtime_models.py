@@ -1,8 +1,8 @@
 """Whole MoE models, HF -> native through the converter -> the runtime, against transformers (fp32).
 
 Tiny random Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models with varied shapes: odd widths (the grouped
-kernel's loop path) beside 16-byte-aligned ones (its F.grouped_mm path), renormalised top-k both ways, a
-shared expert with and without dense layers beside it. Every weight is redrawn (norms around 1, biases
+kernel's loop path) beside 16-byte-aligned ones (its F.grouped_mm path), renormalised top-k both ways, top-1,
+a sliding window, a shared expert with and without dense layers beside it. Every weight is redrawn (norms around 1, biases
 around 0, matrices with a large std) so a swapped tensor shows and greedy outputs change from token to token.
 """
 
@@ -25,6 +25,8 @@ COMMON = dict(vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2, ma
 MODELS = {   # name -> (model_type, config overrides)
     "mixtral": ("mixtral", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_local_experts=4,
                                 num_experts_per_tok=2)),
+    "mixtral_window": ("mixtral", dict(hidden_size=40, intermediate_size=30, num_hidden_layers=2, num_local_experts=3,
+                                       num_experts_per_tok=1, sliding_window=5)),
     "qwen2_moe": ("qwen2_moe", dict(hidden_size=40, intermediate_size=56, moe_intermediate_size=22,
                                     shared_expert_intermediate_size=36, num_hidden_layers=3, num_experts=6,
                                     num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1])),
