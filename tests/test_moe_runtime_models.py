@@ -160,3 +160,15 @@ def test_paged_engine_greedy_equals_hf_generate(moe_model, expected, source, opt
         assert llm.scheduler.block_manager.num_hit_blocks >= 10   # PROMPTS[3] again, PROMPTS[4] shares 5 blocks
     assert len({tuple(t) for t in expected.values()}) > 1          # outputs differ by prompt
     assert any(len(set(t)) > 2 for t in expected.values())          # and are not one repeated token
+
+
+def test_runtime_loads_a_megatron_checkpoint_with_expert_parallel_ranks(tmp_path, cli):
+    """Any format through the specs: TP=2 x EP=2 rank folders straight into the runtime, no HF in between."""
+    hf = build_moe_hf("qwen2_moe", tmp_path / "hf")
+    assert cli("convert", "hf-to-megatron", hf, tmp_path / "mg", "--tp", 2, "--ep", 2).code == 0
+    model, info = load_model(tmp_path / "mg", torch.float32)
+    assert info.format == "megatron"
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = load_hf(hf)(tokens).logits, model(tokens)
+    assert (ref - got).abs().max() < 1e-4
