@@ -72,7 +72,7 @@ def main() -> None:
         if not (src / "model.safetensors").exists():
             write_synthetic_hf(src, make(layers, args.width, args.vocab), dtype=torch.float16)
         nbytes = (src / "model.safetensors").stat().st_size
-        largest = max(args.vocab, 4 * args.width) * args.width * 2   # mixtral: 3.5x, and its fused experts are not one tensor read whole
+        largest = max(args.vocab, 4 * args.width) * args.width * 2   # Mixtral experts (3.5x wide) fit under it
         row = {"layers": layers, "bytes": nbytes, "largest_tensor": largest}
         row["copy"] = measure("copy", src, args.workdir / "copy", args.repeats)
         row["hf-to-native"] = measure("native", src, args.workdir / "native", args.repeats)
