@@ -96,3 +96,17 @@ def test_verify_passes_against_transformers(moe_hf, tmp_path, cli):
     assert result.code == 0 and "PASS" in result.out, result.out + result.err
     result = cli("inspect", hf)
     assert result.code == 0 and "experts, top-" in result.out and "unmapped config" not in result.out
+
+
+def test_fused_source_is_read_once_when_restacked_with_a_cast(tmp_path):
+    """native -> native in bf16: each fused expert tensor feeds E expert-by-expert writes but is read once."""
+    from rosetool.converters.sources import open_checkpoint
+    convert(build_moe_hf("mixtral", tmp_path / "hf", seed=5), tmp_path / "native", "native")
+    ckpt = open_checkpoint(tmp_path / "native")
+    reads, read = [], ckpt.read
+    ckpt.read = lambda key: reads.append(key) or read(key)
+    convert(ckpt, tmp_path / "bf16", "native", dtype="bfloat16")
+    src, out = tensors(tmp_path / "native"), tensors(tmp_path / "bf16")
+    assert sorted(reads) == sorted(src)
+    for k in src:
+        assert torch.equal(out[k], src[k].to(torch.bfloat16)), k

@@ -66,17 +66,18 @@ def _streams(step: Step, sink: Sink) -> bool:
 def _write_stacked(step: Step, group: Group, plan: Plan, ckpt: Checkpoint, sink: Sink,
                    dtype: torch.dtype | None) -> int:
     """One expert at a time: read the source tensors that expert's canonical tensors come from, fuse
-    its rows, hand them to the sink, drop them."""
+    its rows, hand them to the sink, drop them. A source that spans several experts (an already
+    fused tensor) stays read until its last expert is written, so it is read once."""
     parts = step.chain.ops[0].parts
     nbytes = 0
+    held: dict[str, dict[str, torch.Tensor]] = {}    # read key -> the canonical tensors it gave
     for first in range(0, len(step.sources), parts):
-        names = step.sources[first:first + parts]
-        canonical: dict[str, torch.Tensor] = {}
-        for read in group.reads:
-            if set(names).intersection(read.sources):
-                tensor = ckpt.read(plan.source_keys[read.key])
-                canonical.update(zip(read.sources, read.chain.inverse([tensor], read.trace)))
-        rows = torch.cat([canonical[n] for n in names])[None]
+        names = set(step.sources[first:first + parts])
+        reads = [r for r in group.reads if names.intersection(r.sources)]
+        held = {r.key: held.get(r.key) or dict(zip(r.sources, r.chain.inverse(
+            [ckpt.read(plan.source_keys[r.key])], r.trace))) for r in reads}
+        canonical = {k: v for parts_of in held.values() for k, v in parts_of.items()}
+        rows = torch.cat([canonical[n] for n in step.sources[first:first + parts]])[None]
         rows = rows if dtype is None else rows.to(dtype)
         sink.write_rows(step.key, first // parts, rows)
         nbytes += rows.numel() * rows.element_size()
