@@ -37,19 +37,20 @@ def test_hf_native_hf_is_bit_identical(moe_hf, tmp_path):
     assert sorted(src) == sorted(back)
     for k in src:
         assert torch.equal(src[k], back[k]), k
-    cfg_in, cfg_out = (json.loads((p / "config.json").read_text()) for p in (hf, tmp_path / "back"))
     from transformers import AutoConfig
     a, b = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(tmp_path / "back")
-    for field in ("num_experts_per_tok", "norm_topk_prob", "mlp_only_layers", "moe_intermediate_size",
+    assert a.architectures == b.architectures
+    for field in ("num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size", "intermediate_size",
                   "shared_expert_intermediate_size", "num_experts", "num_local_experts"):
-        if hasattr(a, field):
-            if field == "mlp_only_layers":   # decoder_sparse_step folds into the list
-                n = a.num_hidden_layers
-                dense = lambda c: [i for i in range(n) if i in c.mlp_only_layers or (i + 1) % c.decoder_sparse_step]
-                assert dense(a) == dense(b)
-            else:
-                assert getattr(a, field) == getattr(b, field), field
-    assert cfg_out["architectures"] == cfg_in["architectures"]
+        assert getattr(a, field, None) == getattr(b, field, None), field
+    head_dim = lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert head_dim(a) == head_dim(b)   # written explicitly where the source left it implied
+    assert _dense_layers(a) == _dense_layers(b)   # decoder_sparse_step folds into mlp_only_layers
+
+
+def _dense_layers(cfg) -> list[int]:
+    step, listed = getattr(cfg, "decoder_sparse_step", 1), getattr(cfg, "mlp_only_layers", [])
+    return [i for i in range(cfg.num_hidden_layers) if i in listed or (i + 1) % step]
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])   # byte copy, and the expert-by-expert write path
