@@ -52,7 +52,7 @@ class ModelArgs:
     shared_expert_gate: bool = False
     norm_topk_prob: bool = False
     mlp_only_layers: list[int] = field(default_factory=list)
-    qk_norm_full_width: bool = False   # OLMoE: q/k RMSNorm over all heads at once, not per head
+    qk_norm_full_width: bool = False   # with qk_norm: OLMoE's q/k RMSNorm over all heads at once, not per head
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -64,6 +64,8 @@ class ModelArgs:
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.qk_norm_full_width and not self.qk_norm:
+            raise RosetoolError("qk_norm_full_width says how wide the q/k norm is; it needs qk_norm")
         if self.num_experts:
             self._check_moe()
 

@@ -150,7 +150,7 @@ def test_block_holds_mlp_or_moe_by_layer_index():
 
 
 def test_full_width_qk_norm_spans_all_heads():
-    args = moe_args(qk_norm_full_width=True)
+    args = moe_args(qk_norm=True, qk_norm_full_width=True)
     shapes = {k: tuple(v.shape) for k, v in Block(args, 0).state_dict().items()}
     assert shapes["attn.q_norm.weight"] == (32,) and shapes["attn.k_norm.weight"] == (16,)
     per_head = {k: tuple(v.shape) for k, v in Block(moe_args(qk_norm=True), 0).state_dict().items()}
@@ -172,6 +172,7 @@ def test_moe_config_defaults_and_layer_kinds():
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"shared_expert_gate": True}, "shared_expert_gate"),
     ({"mlp_only_layers": [1, 3]}, "mlp_only_layers [3]"),
+    ({"qk_norm_full_width": True}, "needs qk_norm"),
 ])
 def test_moe_config_refusals_name_the_field(bad, message):
     with pytest.raises(RosetoolError, match=message.replace("[", r"\[").replace("]", r"\]")):

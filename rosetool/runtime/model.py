@@ -94,7 +94,7 @@ class Attention(nn.Module):
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv = nn.Linear(args.hidden_size, q + 2 * kv, bias=args.qkv_bias)
         self.o = nn.Linear(q, args.hidden_size, bias=args.o_bias)
-        if args.qk_norm or args.qk_norm_full_width:
+        if args.qk_norm:
             self.q_norm = RMSNorm(q if args.qk_norm_full_width else args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(kv if args.qk_norm_full_width else args.head_dim, args.norm_eps)
 
