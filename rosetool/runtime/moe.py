@@ -7,8 +7,8 @@ scaled by sigmoid(shared_gate(x)), is added on top.
 Two expert kernels compute the same sum. `reference_experts` runs every token through every expert and
 masks, which is plainly right and wasteful. `grouped_experts` sorts the (token, expert) pairs by
 expert so each expert multiplies one contiguous batch, with `F.grouped_mm` where its 16-byte stride
-rule holds (one call for all experts, no host sync, capturable in a CUDA graph) and a loop over
-experts (not tokens) elsewhere.
+rule holds (one call for all experts; it asks the host for nothing, so a CUDA graph should hold it,
+though no GPU has run it yet) and a loop over experts (not tokens) elsewhere.
 """
 
 from __future__ import annotations
