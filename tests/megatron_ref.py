@@ -37,9 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533, ep: int = 1) -> None:
+def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int | None = None, ep: int = 1) -> None:
+    """`port`: the one all ranks of a multi-process run share; a single process takes any free one."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["MASTER_PORT"] = str(port or free_port())
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
     parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)

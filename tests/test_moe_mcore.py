@@ -44,7 +44,7 @@ def mcore() -> Iterator[None]:
     """One gloo process of world size 1; CUDA patches undone afterwards."""
     with pytest.MonkeyPatch.context() as mp:
         ref.patch_for_cpu(mp.setattr)
-        ref.init_parallel(port=ref.free_port())
+        ref.init_parallel()
         yield
         ref.shutdown()
 
