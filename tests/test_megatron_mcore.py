@@ -79,7 +79,8 @@ def test_tp2_shards_run_in_two_process_gloo(tmp_path: Path) -> None:
     hf = ref.tiny_hf("llama", tmp_path / "hf")
     cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "tp2", "--tp", 2)
     out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(ref.tp_worker, args=(2, str(tmp_path / "tp2" / "release"), IDS, str(out), 29547),
+    ranks = str(tmp_path / "tp2" / "release")
+    torch.multiprocessing.spawn(ref.tp_worker, args=(2, ranks, IDS, str(out), ref.free_port()),
                                 nprocs=2, join=True)
     got = torch.load(out)
     assert got.shape[-1] == 256    # padded to 128 * TP
