@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,17 @@ def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int | None =
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
     parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """One gloo process of world size 1; the CUDA patches are undone on exit."""
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:
+        patch_for_cpu(mp.setattr)
+        init_parallel()
+        yield
+        shutdown()
 
 
 def shutdown() -> None:

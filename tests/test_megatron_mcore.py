@@ -28,11 +28,8 @@ def cli(*argv: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def mcore() -> Iterator[None]:
     """One gloo process of world size 1 for the module; CUDA patches undone afterwards."""
-    with pytest.MonkeyPatch.context() as mp:
-        ref.patch_for_cpu(mp.setattr)
-        ref.init_parallel()
+    with ref.single_process():
         yield
-        ref.shutdown()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "qwen3"])

@@ -42,11 +42,8 @@ def hf_logits(folder: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def mcore() -> Iterator[None]:
     """One gloo process of world size 1; CUDA patches undone afterwards."""
-    with pytest.MonkeyPatch.context() as mp:
-        ref.patch_for_cpu(mp.setattr)
-        ref.init_parallel()
+    with ref.single_process():
         yield
-        ref.shutdown()
 
 
 HF_CASES = {   # moe_models case -> overrides: dense layers by list and by sparse step, shared expert + gate
