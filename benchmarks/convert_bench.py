@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rosetool.converters.synthetic import gpt2_config, llama_config, write_synthetic_hf
+from rosetool.converters.synthetic import gpt2_config, llama_config, mixtral_config, write_synthetic_hf
 
 CHILD = """
 import shutil, sys, time
@@ -58,7 +58,7 @@ def measure(kind: str, src: Path, dst: Path, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=["gpt2", "llama"], default="llama")
+    ap.add_argument("--arch", choices=["gpt2", "llama", "mixtral"], default="llama")
     ap.add_argument("--layers", default="16,64", help="comma-separated layer counts (one checkpoint each)")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50304)
@@ -68,11 +68,11 @@ def main() -> None:
     results = []
     for layers in map(int, args.layers.split(",")):
         src = args.workdir / f"{args.arch}-{layers}x{args.width}"
-        make = gpt2_config if args.arch == "gpt2" else llama_config
+        make = {"gpt2": gpt2_config, "llama": llama_config, "mixtral": mixtral_config}[args.arch]
         if not (src / "model.safetensors").exists():
             write_synthetic_hf(src, make(layers, args.width, args.vocab), dtype=torch.float16)
         nbytes = (src / "model.safetensors").stat().st_size
-        largest = max(args.vocab, 4 * args.width) * args.width * 2
+        largest = max(args.vocab, 4 * args.width) * args.width * 2   # Mixtral experts (3.5x wide) fit under it
         row = {"layers": layers, "bytes": nbytes, "largest_tensor": largest}
         row["copy"] = measure("copy", src, args.workdir / "copy", args.repeats)
         row["hf-to-native"] = measure("native", src, args.workdir / "native", args.repeats)

@@ -8,7 +8,7 @@ runtime cannot run is refused here, by field name, at conversion time as well as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import RosetoolError
@@ -23,7 +23,7 @@ POSITIONS = ("rope", "learned")
 class Field:
     """What one canonical field may hold. A config comes from a user's file, so `vocab_size: "500"`
     or `num_heads: 0` is refused here, by name, before it reaches a tensor shape."""
-    kind: str                     # "int", "float", "bool", "str", "dict", "token_ids" or "str_list"
+    kind: str                     # "int", "float", "bool", "str", "dict", "token_ids", "str_list" or "int_list"
     low: float | None = None      # inclusive minimum for numbers
     choices: tuple[str, ...] = ()
     optional: bool = False        # None allowed
@@ -34,7 +34,8 @@ class Field:
         ok = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
               "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
               "token_ids": lambda v: _is_int(v) or (isinstance(v, list) and bool(v) and all(map(_is_int, v))),
-              "str_list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}
+              "str_list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "int_list": lambda v: isinstance(v, list) and all(map(_is_int, v))}
         if not ok[self.kind](value):
             return f"must be {_KIND_WORDS[self.kind]}, got {value!r} ({type(value).__name__})"
         if self.choices and value not in self.choices:
@@ -55,7 +56,7 @@ def _is_number(v: Any) -> bool:
 
 _KIND_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
                "dict": "an object", "token_ids": "a token id or a list of token ids",
-               "str_list": "a list of strings"}
+               "str_list": "a list of strings", "int_list": "a list of integers"}
 _SIZE = Field("int", low=1)
 _FLAG = Field("bool")
 
@@ -82,6 +83,10 @@ FIELDS: dict[str, Field] = {
     "query_pre_attn_scalar": Field("float", low=1e-9, optional=True),
     "attn_softcap": Field("float", low=1e-9, optional=True), "final_softcap": Field("float", low=1e-9, optional=True),
     "layer_types": Field("str_list", optional=True), "rope_local_theta": Field("float", low=1e-9, optional=True),
+    "num_experts": Field("int", low=0), "num_experts_per_tok": Field("int", low=0),
+    "moe_intermediate_size": Field("int", low=1, optional=True), "shared_expert_intermediate_size": Field("int", low=0),
+    "shared_expert_gate": _FLAG, "norm_topk_prob": _FLAG, "mlp_only_layers": Field("int_list", low=0),
+    "qk_norm_full_width": _FLAG,
 }
 
 
@@ -125,6 +130,17 @@ class ModelArgs:
     layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"; None: all alike
     rope_local_theta: float | None = None  # Gemma 3: plain RoPE base of windowed layers (None: rope_theta)
 
+    # Mixture of experts (0 experts = dense). A layer is MoE unless listed in mlp_only_layers, the one
+    # list HF's decoder_sparse_step/mlp_only_layers and Megatron's moe_layer_freq fold into.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    norm_topk_prob: bool = False
+    mlp_only_layers: list[int] = field(default_factory=list)
+    qk_norm_full_width: bool = False   # with qk_norm: OLMoE's q/k RMSNorm over all heads at once, not per head
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer: Gemma 2 alternates windowed and full layers."""
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
@@ -152,6 +168,28 @@ class ModelArgs:
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.qk_norm_full_width and not self.qk_norm:
+            raise RosetoolError("qk_norm_full_width says how wide the q/k norm is; it needs qk_norm")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise RosetoolError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                                f"{self.num_experts}")
+        if not self.glu or self.mlp_bias:
+            raise RosetoolError("MoE layers are gated (glu) and bias-free; got "
+                                f"glu={self.glu}, mlp_bias={self.mlp_bias}")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise RosetoolError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0)")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise RosetoolError(f"mlp_only_layers {outside} are not layers of a {self.num_layers}-layer model")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.mlp_only_layers
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelArgs":

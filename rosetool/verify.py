@@ -54,7 +54,9 @@ def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forw
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            # eager experts: the reference loop; the grouped_mm path refuses odd expert widths on CPU
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
+            model = model.to(device).eval()
         except Exception as exc:
             raise RosetoolError(f"{path}: transformers cannot load it ({str(exc).splitlines()[0][:200]})") from None
         cfg = model.config

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,39 @@ from rosetool.converters.megatron.unpickler import load_rank_file
 def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
     """The CUDA calls megatron-core makes on its CPU path; pass a MonkeyPatch's setattr to undo them later."""
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
     setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    if not hasattr(moe_utils, "te_general_gemm"):   # 0.16.1's router references it unguarded without TE
+        moe_utils.te_general_gemm = None
     setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
     setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
 
 
-def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int = 29533) -> None:
+def free_port() -> int:
+    """A loopback port nothing listens on now: engineers and CI runs share this machine's fixed ports."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_parallel(rank: int = 0, world: int = 1, tp: int = 1, port: int | None = None, ep: int = 1) -> None:
+    """`port`: the one all ranks of a multi-process run share; a single process takes any free one."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["MASTER_PORT"] = str(port or free_port())
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
-    parallel_state.initialize_model_parallel(tp, 1)
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """One gloo process of world size 1; the CUDA patches are undone on exit."""
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:
+        patch_for_cpu(mp.setattr)
+        init_parallel()
+        yield
+        shutdown()
 
 
 def shutdown() -> None:
@@ -46,10 +69,29 @@ def _activation(args: Any):
     return (lambda x: F.gelu(x, approximate="tanh")) if args.openai_gelu else F.gelu
 
 
+def _moe_config(args: Any) -> dict[str, Any]:
+    """TransformerConfig's MoE fields from Megatron-LM's args (none for a dense model); experts run
+    sequentially (local spec), dispatched by all-gather, with no auxiliary loss."""
+    if not getattr(args, "num_experts", None):
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=getattr(args, "moe_shared_expert_intermediate_size", None),
+        moe_shared_expert_gate=getattr(args, "moe_shared_expert_gate", False),
+        moe_layer_freq=getattr(args, "moe_layer_freq", 1),
+        moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
+        moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
+        moe_router_topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
+        expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
+        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0)
+
+
 def build_model(args: Any) -> torch.nn.Module:
     """A GPTModel shaped by a checkpoint's `args` (so the test also checks the args rosetool writes)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
     torch.manual_seed(1234)
     cfg = TransformerConfig(
@@ -58,8 +100,12 @@ def build_model(args: Any) -> torch.nn.Module:
         tensor_model_parallel_size=args.tensor_model_parallel_size, use_cpu_initialization=True,
         normalization=args.normalization, gated_linear_unit=args.swiglu, activation_func=_activation(args),
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, layernorm_epsilon=args.layernorm_epsilon,
-        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+        qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        **_moe_config(args))
+    if cfg.num_moe_experts:    # a block spec, since MoE and dense layers may alternate
+        spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=args.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     model = GPTModel(cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -113,6 +159,46 @@ def tp_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, p
     patch_for_cpu()
     init_parallel(rank, world, world, port)
     result = logits_from_rank_file(Path(folder) / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", ids)
+    if rank == 0:
+        torch.save(result, out)
+    shutdown()
+
+
+def randomise(model: torch.nn.Module, expert_seed: int = 0) -> None:
+    """Norms around 1, everything else around 0, all drawn at random (megatron-core's init leaves norms at 1
+    and biases at 0, which would hide a misplaced one). Each EP rank passes its own `expert_seed`, so every
+    global expert differs and a converter that copied one rank's experts to the others would show."""
+    shared, experts = torch.Generator().manual_seed(0), torch.Generator().manual_seed(100 + expert_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=experts if ".local_experts." in name else shared)
+            p.copy_(1 + 0.2 * noise if "layernorm" in name else 0.2 * noise)
+
+
+def save_torch(model: torch.nn.Module, args: Any, folder: Path, iteration: int, rank_dir: str = "mp_rank_00") -> None:
+    """Save one rank as Megatron-LM does with --ckpt-format torch."""
+    rank = folder / f"iter_{iteration:07d}" / rank_dir / "model_optim_rng.pt"
+    rank.parent.mkdir(parents=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.state_dict()}, rank)
+
+
+def ep_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int, args: Any = None) -> None:
+    """One rank of an EP=world run over gloo (Megatron-LM's rank folder mp_rank_00_{ep:03d}); rank 0 saves
+    the logits. With `args`, megatron-core builds, randomises and saves its own checkpoint under `folder`;
+    without, the rank loads rosetool's rank file from `folder` strictly."""
+    patch_for_cpu()
+    init_parallel(rank, world, port=port, ep=world)
+    rank_dir = f"mp_rank_00_{rank:03d}"
+    if args is None:
+        file_args, state = load_rank(Path(folder) / rank_dir / "model_optim_rng.pt")
+        model = build_model(file_args)
+        model.load_state_dict(state, strict=True)
+    else:
+        model = build_model(args)
+        randomise(model, expert_seed=rank)
+        save_torch(model, args, Path(folder), 1, rank_dir)
+    result = logits(model, ids)
     if rank == 0:
         torch.save(result, out)
     shutdown()

@@ -28,11 +28,8 @@ def cli(*argv: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def mcore() -> Iterator[None]:
     """One gloo process of world size 1 for the module; CUDA patches undone afterwards."""
-    with pytest.MonkeyPatch.context() as mp:
-        ref.patch_for_cpu(mp.setattr)
-        ref.init_parallel()
+    with ref.single_process():
         yield
-        ref.shutdown()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "qwen3"])
@@ -79,7 +76,8 @@ def test_tp2_shards_run_in_two_process_gloo(tmp_path: Path) -> None:
     hf = ref.tiny_hf("llama", tmp_path / "hf")
     cli("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "tp2", "--tp", 2)
     out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(ref.tp_worker, args=(2, str(tmp_path / "tp2" / "release"), IDS, str(out), 29547),
+    ranks = str(tmp_path / "tp2" / "release")
+    torch.multiprocessing.spawn(ref.tp_worker, args=(2, ranks, IDS, str(out), ref.free_port()),
                                 nprocs=2, join=True)
     got = torch.load(out)
     assert got.shape[-1] == 256    # padded to 128 * TP

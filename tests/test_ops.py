@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rosetool.mappings.ops import Chain, Concat, Pad, Permute, Reshape, Split, Transpose, build_op
+from rosetool.mappings.ops import Chain, Concat, Pad, Permute, Reshape, Split, Stack, Transpose, build_op
 
 dims = st.integers(1, 6)
 settings.register_profile("ops", max_examples=60, deadline=None)
@@ -65,3 +65,14 @@ def test_trace_rejects_mismatched_concat():
     import pytest
     with pytest.raises(ValueError, match="mismatched"):
         Chain((Concat(0),)).trace([torch.Size([2, 3]), torch.Size([2, 4])])
+
+
+@given(st.integers(1, 5), st.integers(1, 3), dims, dims)
+def test_stack_experts(experts, parts, rows, width):
+    """Expert-major inputs (gate_0, up_0, gate_1, ...) <-> one [E, parts*rows, width] tensor."""
+    xs = [torch.randn(rows, width) for _ in range(experts * parts)]
+    chain = Chain((Stack(parts),))
+    roundtrip(chain, xs)
+    fused = chain.forward(xs)[0]
+    assert torch.equal(fused[experts - 1], torch.cat(xs[-parts:]))
+    assert torch.equal(fused.flatten(), torch.cat([x.flatten() for x in xs]))   # inputs end to end in bytes

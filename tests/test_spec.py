@@ -75,3 +75,52 @@ def test_mappings_cli(cli):
     assert listed.code == 0 and '"qwen3"' in listed.out
     shown = cli("mappings", "show", "gpt2", "--format", "hf")
     assert shown.code == 0 and "transformer.h.{i}.attn.c_attn.weight" in shown.out
+
+
+EXPERTS = """
+name: toymoe
+architecture: ToyMoeForCausalLM
+config: {vocab_size: null, hidden_size: null, num_layers: null, num_experts: null, ffn: null, mlp_only_layers: []}
+tensors:
+  layers.{i}.dense: {shape: [ffn, hidden_size], when: i in mlp_only_layers}
+  layers.{i}.experts.{e}.gate: {shape: [ffn, hidden_size], when: i not in mlp_only_layers}
+  layers.{i}.experts.{e}.up: {shape: [ffn, hidden_size], when: i not in mlp_only_layers}
+formats:
+  hf:
+    tensors:
+      h.{i}.dense: layers.{i}.dense
+      h.{i}.e{e}.gate: layers.{i}.experts.{e}.gate
+      h.{i}.e{e}.up: {from: layers.{i}.experts.{e}.up, tp: {dim: 0, parts: num_experts}}
+  native:
+    tensors:
+      h.{i}.dense: layers.{i}.dense
+      h.{i}.experts: {from: [layers.{i}.experts.{e}.gate, layers.{i}.experts.{e}.up], ops: [{stack: 2}]}
+"""
+
+
+def test_expert_range_and_layer_conditions_expand_from_the_config():
+    from rosetool.converters.plan import expand_format
+    (spec,) = parse_spec(EXPERTS, "toymoe.yaml")
+    cfg = {"vocab_size": 5, "hidden_size": 3, "num_layers": 3, "num_experts": 2, "ffn": 7, "mlp_only_layers": [1]}
+    hf = {s.key: s for s in expand_format(spec, spec.format("hf"), cfg)}
+    assert sorted(hf) == ["h.0.e0.gate", "h.0.e0.up", "h.0.e1.gate", "h.0.e1.up", "h.1.dense",
+                          "h.2.e0.gate", "h.2.e0.up", "h.2.e1.gate", "h.2.e1.up"]
+    assert hf["h.2.e1.up"].sources == ("layers.2.experts.1.up",) and hf["h.2.e1.up"].tp["parts"] == "num_experts"
+    native = {s.key: s for s in expand_format(spec, spec.format("native"), cfg)}
+    assert sorted(native) == ["h.0.experts", "h.1.dense", "h.2.experts"]
+    assert native["h.2.experts"].sources == ("layers.2.experts.0.gate", "layers.2.experts.0.up",
+                                             "layers.2.experts.1.gate", "layers.2.experts.1.up")
+    assert native["h.2.experts"].shape == (2, 14, 3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("h.{i}.e{e}.gate:", "h.{i}.gate:"), "'h.{i}.gate' takes every expert's tensors, so its ops must stack them"),
+    (("      h.{i}.e{e}.gate: layers.{i}.experts.{e}.gate\n", ""), "['layers.{i}.experts.{e}.gate'] are not mapped"),
+    (("h.{i}.dense: layers.{i}.dense\n      h.{i}.experts", "h.{i}.e{e}.dense: layers.{i}.dense\n      h.{i}.experts"),
+     "a per-expert key must be made from per-expert tensors"),
+    (("when: i in mlp_only_layers}", "when: j in mlp_only_layers}"), "unknown name(s) ['j']"),
+])
+def test_bad_expert_specs_are_refused(change, message):
+    with pytest.raises(SpecError) as info:
+        parse_spec(EXPERTS.replace(*change), "toymoe.yaml")
+    assert message in str(info.value)

@@ -32,6 +32,7 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
         "tied_embeddings": cfg["tie_word_embeddings"],
         "sliding_window": cfg.get("sliding_window"),
         **family_facts(cfg),
+        **_moe_summary(cfg),
     }
     return {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.spec.name,
@@ -75,6 +76,21 @@ def rank_layout(ckpt: Checkpoint) -> list[dict[str, Any]]:
         return [{"file": str(f.relative_to(ckpt.path)), "tp": None, "pp": None, "tensors": None,
                  "bytes": f.stat().st_size} for f in sorted(folder.iterdir()) if f.is_file()]
     return []
+
+
+def _moe_summary(cfg: dict[str, Any]) -> dict[str, Any]:
+    if not cfg.get("num_experts"):
+        return {}
+    dense = set(cfg.get("mlp_only_layers") or ())
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    return {
+        "experts": f"{cfg['num_experts']} experts, top-{cfg['num_experts_per_tok']} "
+                   f"({'renormalised' if cfg.get('norm_topk_prob') else 'raw softmax'} weights), "
+                   f"expert ffn {cfg.get('moe_intermediate_size')}",
+        "shared_expert": f"ffn {shared}{', sigmoid gate' if cfg.get('shared_expert_gate') else ''}" if shared else "none",
+        "moe_layers": f"{[i for i in range(cfg['num_layers']) if i not in dense]} "
+                      f"(dense: {sorted(dense) if dense else 'none'})",
+    }
 
 
 def _natural(key: str) -> list[Any]:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 TpOpt = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the output.")
 PpOpt = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the output (layers split evenly).")
+EpOpt = typer.Option(1, "--ep", min=1, help="Expert-parallel size of the output (MoE models: experts split "
+                     "evenly; experts are cut over TP like Megatron-LM's default expert tensor parallelism).")
 VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim the padded Megatron vocabulary "
                         "to, for checkpoints rosetool did not write (default: the one recorded, else no trim).")
 
@@ -39,7 +41,7 @@ def _open(src: str, vocab_size: int | None) -> Checkpoint:
     return open_megatron(path, vocab_size)
 
 
-def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt,
+def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
                    ckpt_format: str = typer.Option("torch", "--format", help="torch (one file per TP/PP rank) or "
                                                    "torch_dist (global tensors; TP/PP only set vocab padding and args)."),
                    te_layout: bool = typer.Option(False, "--te-layout", help="Transformer Engine keys "
@@ -48,9 +50,10 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
                    legacy: bool = typer.Option(False, "--legacy", help="Legacy Megatron-LM model keys "
                                                "(language_model.*), torch format only."),
                    dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
-    """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP layout.
+    """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP/EP layout.
 
-    Families: GPT-2 and the Llama family. GPT-J, Phi-2 and parallel-residual GPT-NeoX are refused because
+    Families: GPT-2, the Llama family and the MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE; OLMoE is
+    refused: Megatron normalises q/k per head only). GPT-J, Phi-2 and parallel-residual GPT-NeoX are refused because
     megatron-core has no parallel attention + MLP block, Gemma 2 because it has no logit soft-capping;
     Phi-3, Gemma 1/3, GLM and sequential GPT-NeoX are not mapped yet.
     """
@@ -62,7 +65,7 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
         raise RosetoolError(f"{src} is already a Megatron checkpoint: use `rosetool reshard` to change its layout")
     te = te_layout or ckpt_format == "torch_dist"
     to = "megatron_te" if te else "megatron_legacy" if legacy else "megatron"
-    _run(src, dst, to, dtype, force, as_json, Layout(tp, pp), ckpt_format=ckpt_format)
+    _run(src, dst, to, dtype, force, as_json, Layout(tp, pp, ep), ckpt_format=ckpt_format)
 
 
 def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = VocabOpt,
@@ -73,10 +76,10 @@ def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = Voc
          tokenizer=tokenizer)
 
 
-def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt,
+def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
             vocab_size: int | None = VocabOpt, dtype: str | None = DtypeOpt, force: bool = ForceOpt,
             as_json: bool = JsonOpt) -> None:
-    """Megatron checkpoint -> the same model at another TP/PP layout (same key layout, same iteration)."""
+    """Megatron checkpoint -> the same model at another TP/PP/EP layout (same key layout, same iteration)."""
     ckpt = _open(src, vocab_size)
     iteration = ckpt.info.get("iteration", "release")
-    _run(ckpt, dst, ckpt.format, dtype, force, as_json, Layout(tp, pp), iteration=iteration)
+    _run(ckpt, dst, ckpt.format, dtype, force, as_json, Layout(tp, pp, ep), iteration=iteration)

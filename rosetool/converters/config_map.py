@@ -129,6 +129,14 @@ def _write_gemma3_rope(scaling: dict[str, Any] | None, cfg: Mapping[str, Any]) -
             **({"rope_scaling": dict(scaling)} if scaling else {})}
 
 
+def _read_mlp_only_layers(raw: Mapping[str, Any]) -> list[int]:
+    """Qwen-MoE: a layer is dense if listed, or if (i + 1) is not a multiple of decoder_sparse_step;
+    both fold into the one canonical list."""
+    step = raw.get("decoder_sparse_step") or 1
+    every = range(raw.get("num_hidden_layers") or 0)
+    return sorted(set(raw.get("mlp_only_layers") or ()) | {i for i in every if (i + 1) % step})
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
                            lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
@@ -158,6 +166,12 @@ CODECS: dict[str, Codec] = {
     "hf_gemma3_layer_types": Codec(("layer_types", "sliding_window_pattern"), lambda raw: raw.get("layer_types") or [
         "sliding_attention" if (i + 1) % raw.get("sliding_window_pattern", 6) else "full_attention"
         for i in range(raw["num_hidden_layers"])], lambda layer_types, cfg: {"layer_types": layer_types}),
+    "hf_mlp_only_layers": Codec(("mlp_only_layers", "decoder_sparse_step"), _read_mlp_only_layers,
+                                lambda layers, cfg: {"mlp_only_layers": list(layers), "decoder_sparse_step": 1}),
+    # transformers 5 saves Qwen3-MoE's expert count as num_local_experts; the hub spells it num_experts
+    "hf_num_experts": Codec(("num_experts", "num_local_experts"),
+                            lambda raw: raw.get("num_experts") or raw.get("num_local_experts"),
+                            lambda n, cfg: {"num_experts": n}),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError, RosetoolError
 from ..mappings import expr
 from ..mappings.ops import Chain, Shapes, build_op
-from ..mappings.spec import ArchSpec, Format, expand, is_layered
+from ..mappings.spec import ArchSpec, Format, expand, is_layered, is_per_expert
 from .sources import Checkpoint
 
 
@@ -69,14 +69,30 @@ def _layers(template: str, config: Mapping[str, Any]) -> list[int | None]:
     return list(range(config["num_layers"])) if is_layered(template) else [None]
 
 
+def _experts(template: str, config: Mapping[str, Any]) -> list[int | None]:
+    return list(range(config.get("num_experts") or 0)) if is_per_expert(template) else [None]
+
+
+def _instances(template: str, config: Mapping[str, Any]) -> list[tuple[int | None, int | None]]:
+    """(layer, expert) for each concrete key a template stands for."""
+    return [(i, e) for i in _layers(template, config) for e in _experts(template, config)]
+
+
+def _expand_sources(sources: tuple[str, ...], layer: int | None, expert: int | None,
+                    config: Mapping[str, Any]) -> tuple[str, ...]:
+    """A key without `{e}` made from per-expert tensors takes every expert's, expert-major."""
+    if expert is not None or not any(is_per_expert(s) for s in sources):
+        return tuple(expand(s, layer, expert) for s in sources)
+    return tuple(expand(s, layer, e) for e in range(config.get("num_experts") or 0) for s in sources)
+
+
 def canonical_shapes(spec: ArchSpec, config: Mapping[str, Any]) -> dict[str, torch.Size]:
     out = {}
     for t in spec.tensors:
-        if t.when is not None and not expr.evaluate(t.when, config):
-            continue
-        shape = torch.Size(int(expr.evaluate(d, config)) for d in t.shape)
-        for layer in _layers(t.name, config):
-            out[expand(t.name, layer)] = shape
+        for layer, expert in _instances(t.name, config):
+            if t.when is not None and not expr.evaluate(t.when, {**config, "i": layer}):
+                continue
+            out[expand(t.name, layer, expert)] = torch.Size(int(expr.evaluate(d, config)) for d in t.shape)
     return out
 
 
@@ -87,19 +103,19 @@ def expand_format(spec: ArchSpec, fmt: Format, config: Mapping[str, Any],
     env = format_env(fmt, config, params)
     steps = []
     for e in fmt.entries:
-        if e.when is not None and not expr.evaluate(e.when, env):
-            continue
         chain = Chain(tuple(build_op(op, env) for op in e.ops))
-        for layer in _layers(e.key, config):
-            sources = tuple(expand(s, layer) for s in e.sources)
-            if not all(s in shapes for s in sources):
+        for layer, expert in _instances(e.key, config):
+            if e.when is not None and not expr.evaluate(e.when, {**env, "i": layer}):
+                continue
+            sources = _expand_sources(e.sources, layer, expert, config)
+            if not sources or not all(s in shapes for s in sources):
                 continue
             try:
                 trace = chain.trace([shapes[s] for s in sources])
             except (RuntimeError, ValueError) as exc:
                 raise RosetoolError(f"{spec.file}: formats.{fmt.name} entry {e.key!r}: ops do not fit the "
                                     f"config ({str(exc).splitlines()[0]})") from None
-            steps.append(Step(expand(e.key, layer), sources, chain, trace, e.tp))
+            steps.append(Step(expand(e.key, layer, expert), sources, chain, trace, e.tp))
     return steps
 
 
@@ -108,7 +124,7 @@ def ignored_keys(fmt: Format, config: Mapping[str, Any]) -> set[str]:
     out = set()
     for rule in fmt.ignore:
         if rule.get("when") is None or expr.evaluate(rule["when"], env):
-            out.update(expand(rule["key"], layer) for layer in _layers(rule["key"], config))
+            out.update(expand(rule["key"], layer, expert) for layer, expert in _instances(rule["key"], config))
     return out
 
 

@@ -193,12 +193,26 @@ class StreamWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                                   f"planned {dtype} {shape}")
+        self._pwrite(tensor, self._base + offset)
+        self._pending.discard(name)
+
+    def _pwrite(self, tensor: torch.Tensor, pos: int) -> None:
         data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        pos = self._base + offset
         while data:
             n = os.pwrite(self._fd, data, pos)
             data, pos = data[n:], pos + n
-        self._pending.discard(name)
+
+    def write_rows(self, name: str, first: int, rows: torch.Tensor) -> None:
+        """Fill rows first.. of a tensor's dim 0 (a stacked tensor, one expert at a time); the tensor
+        counts as written once its last row is."""
+        dtype, shape, offset = self._slots[name]
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or first + rows.shape[0] > shape[0]:
+            raise CheckpointError(f"{self.path}: rows {first}.. of {name!r} are {rows.dtype} {tuple(rows.shape)}, "
+                                  f"planned {dtype} {shape}")
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self._pwrite(rows, self._base + offset + first * row_bytes)
+        if first + rows.shape[0] == shape[0]:
+            self._pending.discard(name)
 
     def copy(self, name: str, ranges: list[tuple[Path, int, int]]) -> None:
         """Fill a tensor from byte ranges of other files, in the kernel (no Python buffers)."""

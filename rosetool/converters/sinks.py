@@ -57,6 +57,9 @@ class FolderSink:
     def copy(self, key: str, ranges: list[tuple[Path, int, int]]) -> None:
         self._where[key].copy(key, ranges)
 
+    def write_rows(self, key: str, first: int, rows: torch.Tensor) -> None:
+        self._where[key].write_rows(key, first, rows)
+
     def close(self, complete: bool = True) -> None:
         for w in self._writers:
             w.close(complete)

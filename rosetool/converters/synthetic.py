@@ -30,6 +30,13 @@ def llama_config(n_layer: int, hidden: int, vocab_size: int = 1024) -> dict:
             "vocab_size": vocab_size, "max_position_embeddings": 4096}
 
 
+def mixtral_config(n_layer: int, hidden: int, vocab_size: int = 1024, experts: int = 8) -> dict:
+    """Mixtral shapes: `experts` SwiGLU experts of Mistral-7B's ffn/hidden ratio, top-2."""
+    return {**llama_config(n_layer, hidden, vocab_size), "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral", "intermediate_size": hidden * 7 // 2, "num_local_experts": experts,
+            "num_experts_per_tok": 2}
+
+
 def write_synthetic_hf(folder: Path, raw_config: dict, dtype: torch.dtype = torch.float16, seed: int = 0,
                        std: float = 0.02) -> int:
     """Write config.json + model.safetensors filled with seeded noise; returns the bytes written.

@@ -1,7 +1,7 @@
 """A tiny, safe evaluator for the expressions in mapping specs.
 
-Specs compute shapes (`num_heads * head_dim`) and conditions (`not tie_word_embeddings`) from config
-fields. `eval` would run arbitrary code from a YAML file, so only arithmetic, comparisons, boolean
+Specs compute shapes (`num_heads * head_dim`) and conditions (`not tie_word_embeddings`,
+`i not in mlp_only_layers` for the layer index `i`) from config fields. `eval` would run arbitrary code from a YAML file, so only arithmetic, comparisons, boolean
 logic and config names are allowed.
 """
 
@@ -15,7 +15,8 @@ from typing import Any, Mapping
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 _CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-           ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+           ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+           ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 
 
 class ExprError(ValueError):

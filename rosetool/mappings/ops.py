@@ -165,7 +165,31 @@ class GroupConcat:
         return [torch.Size((sum(x[0] for x in s),) + tuple(s[0][1:]))]
 
 
-Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat
+@dataclass(frozen=True)
+class Stack:
+    """Experts -> one fused tensor: the inputs come expert-major (`parts` per expert, e.g. gate_e, up_e),
+    each expert's parts are concatenated along dim 0 and the experts stacked along a new dim 0, giving
+    the runtime's [E, 2*ffn, hidden]. In bytes this is the inputs laid end to end, which is what lets
+    the executor write it expert by expert."""
+    parts: int = 1
+
+    def forward(self, xs: Tensors) -> Tensors:
+        return [torch.stack([torch.cat(xs[e:e + self.parts]) for e in range(0, len(xs), self.parts)])]
+
+    def shapes(self, s: Shapes) -> Shapes:
+        if not s or len(s) % self.parts or len({x[1:] for x in s}) != 1:
+            raise ValueError(f"stack of {[list(x) for x in s]} in groups of {self.parts}")
+        rows = {sum(x[0] for x in s[e:e + self.parts]) for e in range(0, len(s), self.parts)}
+        if len(rows) != 1:
+            raise ValueError(f"stack of experts with different shapes {[list(x) for x in s]}")
+        return [torch.Size((len(s) // self.parts, rows.pop()) + tuple(s[0][1:]))]
+
+    def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
+        per_expert = [x[0] for x in in_shapes[:self.parts]]
+        return [part for expert in ys[0].unbind(0) for part in torch.split(expert, per_expert)]
+
+
+Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat | Stack
 
 
 def _ints(value: Any, env: Mapping[str, Any]) -> tuple[int, ...]:
@@ -183,6 +207,7 @@ OP_BUILDERS: dict[str, Callable[[Any, Mapping[str, Any]], Op]] = {
     "permute": lambda a, env: Permute(_ints(a, env)),
     "group_concat": lambda a, env: GroupConcat(int(evaluate(a, env))),
     "pad": lambda a, env: Pad(int(evaluate(a["size"], env)), int(evaluate(a.get("dim", 0), env))),
+    "stack": lambda a, env: Stack(int(evaluate(a if a is not None else 1, env))),
 }
 
 

@@ -22,6 +22,7 @@ from . import expr
 from .ops import OP_BUILDERS
 
 LAYER = "{i}"
+EXPERT = "{e}"    # the second range: experts, `num_experts` of them
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: specs load in ms
 _TOP_KEYS = {"name", "description", "architecture", "model_type", "config", "tensors", "formats", "variants"}
 _FORMAT_KEYS = {"config", "tensors", "ignore", "inert", "unsupported", "params", "key_prefixes", "write"}
@@ -144,13 +145,18 @@ def _parse_entry(chk: _Checker, where: str, key: str, raw: Any, tensors: set[str
             chk.fail(where, f"'from' names {src!r}, which is not a canonical tensor")
         if (LAYER in src) != (LAYER in key):
             chk.fail(where, f"per-layer tensors must map to per-layer keys ({src!r} -> {key!r})")
+        if EXPERT in key and EXPERT not in src:
+            chk.fail(where, f"a per-expert key must be made from per-expert tensors ({src!r} -> {key!r})")
     for op in raw.get("ops") or ():
         name, arg = (op, None) if isinstance(op, str) else next(iter(op.items()))
         if name not in OP_BUILDERS:
             chk.fail(where, f"unknown op {name!r}; known ops: {sorted(OP_BUILDERS)}")
         for leaf in _leaves(arg):
             chk.expression(where, leaf, known)
-    chk.expression(where, raw.get("when"), known)
+    op_names = {op if isinstance(op, str) else next(iter(op)) for op in raw.get("ops") or ()}
+    if EXPERT not in key and any(EXPERT in src for src in sources) and "stack" not in op_names:
+        chk.fail(where, f"{key!r} takes every expert's tensors, so its ops must stack them")
+    chk.expression(where, raw.get("when"), known | ({"i"} if LAYER in key else set()))
     return Entry(key, sources, tuple(raw.get("ops") or ()), raw.get("when"), raw.get("tp"))
 
 
@@ -203,7 +209,7 @@ def _parse_arch(chk: _Checker, family: str, variant: str, raw: Mapping[str, Any]
         t = {"shape": t} if isinstance(t, list) else t
         for dim in t["shape"]:
             chk.expression(f"tensors[{name!r}].shape", dim, set(config))
-        chk.expression(f"tensors[{name!r}].when", t.get("when"), set(config))
+        chk.expression(f"tensors[{name!r}].when", t.get("when"), set(config) | ({"i"} if LAYER in name else set()))
         tensors.append(Tensor(name, tuple(t["shape"]), t.get("when")))
     names = {t.name for t in tensors}
     formats = {f: _parse_format(chk, f, v, config, names) for f, v in (raw.get("formats") or {}).items()}
@@ -211,12 +217,20 @@ def _parse_arch(chk: _Checker, family: str, variant: str, raw: Mapping[str, Any]
                     raw.get("model_type"), config, tuple(tensors), formats)
 
 
-_SHIELD = "\u00a7i\u00a7"   # stands in for {i} while YAML parses: braces open flow mappings in [..]
+_SHIELDS = {LAYER: "\u00a7i\u00a7", EXPERT: "\u00a7e\u00a7"}   # stand in while YAML parses: braces open flow mappings
+
+
+def _shield(text: str) -> str:
+    for name, shield in _SHIELDS.items():
+        text = text.replace(name, shield)
+    return text
 
 
 def _unshield(node: Any) -> Any:
     if isinstance(node, str):
-        return node.replace(_SHIELD, LAYER)
+        for name, shield in _SHIELDS.items():
+            node = node.replace(shield, name)
+        return node
     if isinstance(node, list):
         return [_unshield(x) for x in node]
     if isinstance(node, dict):
@@ -227,7 +241,7 @@ def _unshield(node: Any) -> Any:
 def parse_spec(text: str, file: str) -> list[ArchSpec]:
     chk = _Checker(file)
     try:
-        raw = _unshield(yaml.load(text.replace(LAYER, _SHIELD), Loader=_LOADER))
+        raw = _unshield(yaml.load(_shield(text), Loader=_LOADER))
     except yaml.YAMLError as exc:
         raise SpecError(f"{file}: not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(raw, dict) or "name" not in raw:
@@ -280,17 +294,22 @@ def spec_for_hf(architectures: list[str] | None, model_type: str | None, where: 
     raise SpecError(f"{where}: unknown architecture ({got}); supported: {known}")
 
 
-def expand(template: str, layer: int | None) -> str:
-    return template if layer is None else template.replace(LAYER, str(layer))
+def expand(template: str, layer: int | None, expert: int | None = None) -> str:
+    out = template if layer is None else template.replace(LAYER, str(layer))
+    return out if expert is None else out.replace(EXPERT, str(expert))
 
 
 def is_layered(template: str) -> bool:
     return LAYER in template
 
 
+def is_per_expert(template: str) -> bool:
+    return EXPERT in template
+
+
 def template_regex(template: str) -> re.Pattern[str]:
-    """Key template -> regex capturing the layer index (for matching keys back to entries)."""
-    return re.compile(re.escape(template).replace(re.escape(LAYER), r"(\d+)") + "$")
+    """Key template -> regex capturing the layer (and expert) index (for matching keys back to entries)."""
+    return re.compile(re.escape(template).replace(re.escape(LAYER), r"(\d+)").replace(re.escape(EXPERT), r"(\d+)") + "$")
 
 
 def load_spec_file(path: str | Path) -> list[ArchSpec]:

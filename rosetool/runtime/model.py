@@ -1,7 +1,7 @@
 """The runtime's transformer for every family (GPT-2, Llama, GPT-NeoX, GPT-J, Phi, Gemma, GLM), native layout.
 
 Families differ in small, named ways, each kept beside this file: RoPE layouts (`rope.py`), norms
-(`norms.py`), soft-capped attention (`softcap.py`); block shape (sequential, parallel, sandwich) is `Block`.
+(`norms.py`), soft-capped attention (`softcap.py`), mixture-of-experts layers (`moe.py`); block shape (sequential, parallel, sandwich) is `Block`.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .moe import MoE
 from .norms import make_norm
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .softcap import attend
@@ -53,17 +54,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(args.hidden_size, q + 2 * kv, bias=args.qkv_bias)
         self.o = nn.Linear(q, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = make_norm(args, args.head_dim)
-            self.k_norm = make_norm(args, args.head_dim)
+            self.q_norm = make_norm(args, q if args.qk_norm_full_width else args.head_dim)
+            self.k_norm = make_norm(args, kv if args.qk_norm_full_width else args.head_dim)
 
     def forward(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_fn: AttnFn) -> torch.Tensor:
         a = self.args
         q, k, v = self.qkv(x).split([a.num_heads * a.head_dim] + [a.num_kv_heads * a.head_dim] * 2, dim=-1)
+        if a.qk_norm_full_width:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.unflatten(-1, (a.num_heads, a.head_dim))
         k = k.unflatten(-1, (a.num_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.num_kv_heads, a.head_dim))
-        if a.qk_norm:
+        if a.qk_norm and not a.qk_norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope, a.rope_interleaved), apply_rope(k, *rope, a.rope_interleaved)
@@ -71,13 +74,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ffn: int | None = None):
         super().__init__()
         self.glu = args.glu
         self.act = _ACTIVATIONS[args.activation]
-        width = args.intermediate_size * (2 if args.glu else 1)
-        self.up = nn.Linear(args.hidden_size, width, bias=args.mlp_bias)
-        self.down = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        ffn = ffn or args.intermediate_size    # an MoE layer's shared expert has its own width
+        self.up = nn.Linear(args.hidden_size, ffn * (2 if args.glu else 1), bias=args.mlp_bias)
+        self.down = nn.Linear(ffn, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -91,26 +94,32 @@ class Block(nn.Module):
     """Sequential (x += attn; x += mlp), parallel (both branches read the same x; GPT-J, NeoX, Phi-2) or
     sequential with sandwich norms (each branch's output normed before it joins the residual; Gemma 2)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.parallel, self.shared_norm, self.sandwich = args.parallel_residual, args.shared_norm, args.sandwich_norms
         self.attn_norm, self.attn = make_norm(args), Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = self.moe = None     # one of them: native keys say `mlp` or `moe` by layer kind
+        if args.is_moe_layer(layer):
+            shared = MLP(args, args.shared_expert_intermediate_size) if args.shared_expert_intermediate_size else None
+            self.moe = MoE(args, _ACTIVATIONS[args.activation], shared)
+        else:
+            self.mlp = MLP(args)
         if not args.shared_norm:
             self.mlp_norm = make_norm(args)
         if args.sandwich_norms:
             self.post_attn_norm, self.post_mlp_norm = make_norm(args), make_norm(args)
 
     def forward(self, layer: int, x: torch.Tensor, rope: Any, attn_fn: AttnFn) -> torch.Tensor:
+        ffn = self.mlp if self.moe is None else self.moe
         h = self.attn_norm(x)
         attn = self.attn(layer, h, rope, attn_fn)
         if self.parallel:
-            return x + attn + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+            return x + attn + ffn(h if self.shared_norm else self.mlp_norm(x))
         if self.sandwich:
             x = x + self.post_attn_norm(attn)
-            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+            return x + self.post_mlp_norm(ffn(self.mlp_norm(x)))
         x = x + attn
-        return x + self.mlp(self.mlp_norm(x))
+        return x + ffn(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -120,7 +129,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         if args.position == "learned":
             self.pos_embed = nn.Embedding(args.max_position_embeddings, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = make_norm(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)

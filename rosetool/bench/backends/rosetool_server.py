@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rosetool.bench.backends.base import BackendConfig, OnDone, Schedule
+from rosetool.bench.backends.base import BackendConfig, OnDone, OnTokens, Schedule, no_tokens
 from rosetool.bench.backends.model import model_label, resolve_model
 from rosetool.bench.backends.openai import OpenAIBackend
 from rosetool.bench.metrics import RequestResult
@@ -43,8 +43,9 @@ class RosetoolServerBackend:
             raise
         self.model_id, self.vocab = self.client.model_id, self.client.vocab
 
-    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone) -> list[RequestResult]:
-        return self.client.run(requests, schedule, on_done)
+    def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
+            on_tokens: OnTokens = no_tokens) -> list[RequestResult]:
+        return self.client.run(requests, schedule, on_done, on_tokens)
 
     def close(self) -> None:
         self.server.stop()

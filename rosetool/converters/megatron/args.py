@@ -8,6 +8,7 @@ read from the standard fields.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,10 @@ def spec_for_args(args: Any, where: str) -> ArchSpec:
     saved = getattr(args, "rosetool_architecture", None)
     if saved:
         return get_spec(saved)
+    if getattr(args, "num_experts", None):
+        if getattr(args, "qk_layernorm", False):
+            return get_spec("qwen3_moe")
+        return get_spec("qwen2_moe" if getattr(args, "moe_shared_expert_intermediate_size", None) else "mixtral")
     if getattr(args, "swiglu", False):
         if getattr(args, "qk_layernorm", False):
             return get_spec("qwen3")
@@ -65,7 +70,57 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
         "qkv_bias": bias or getattr(args, "add_qkv_bias", False), "o_bias": bias, "mlp_bias": bias,
         "qk_norm": getattr(args, "qk_layernorm", False),
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
+        **_moe_config(args),
     }
+
+
+def _moe_config(args: Any) -> dict[str, Any]:
+    """Megatron-LM's MoE args -> canonical fields. Routing Megatron does and the runtime does not
+    (sigmoid scores, scaled or grouped top-k) is refused by name."""
+    experts = getattr(args, "num_experts", None) or 0
+    if not experts:
+        return {}
+    for name, fine in (("moe_router_score_function", ("softmax", None)), ("moe_router_topk_scaling_factor", (None, 1.0)),
+                       ("moe_router_num_groups", (None,)), ("moe_router_enable_expert_bias", (None, False))):
+        if getattr(args, name, None) not in fine:
+            raise RosetoolError(f"unsupported Megatron arg {name}={getattr(args, name)!r} (not implemented)")
+    shared = getattr(args, "moe_shared_expert_intermediate_size", None) or 0
+    return {"num_experts": experts, "num_experts_per_tok": args.moe_router_topk,
+            "moe_intermediate_size": getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+            "shared_expert_intermediate_size": shared,
+            "shared_expert_gate": bool(shared and getattr(args, "moe_shared_expert_gate", False)),
+            # softmax over all experts then top-k keeps raw probabilities; top-k then softmax renormalises
+            "norm_topk_prob": not getattr(args, "moe_router_pre_softmax", False),
+            "mlp_only_layers": _dense_layers(getattr(args, "moe_layer_freq", 1), args.num_layers)}
+
+
+def _dense_layers(freq: int | list[int] | str, num_layers: int) -> list[int]:
+    """moe_layer_freq: every N-th layer is MoE (N int), or a 0/1 per layer (a list, or its string form)."""
+    if isinstance(freq, str):    # Megatron-LM evals pattern strings like "([1]*3+[0])*2"; rosetool runs no code
+        if not re.fullmatch(r"\s*\[?[\d,\s]*\]?\s*", freq):
+            raise RosetoolError(f"moe_layer_freq={freq!r}: give it as an int or a list of 0/1 per layer")
+        freq = [int(x) for x in freq.strip(" []").split(",") if x.strip()] if "," in freq or "[" in freq else int(freq)
+    if isinstance(freq, int):
+        return [i for i in range(num_layers) if i % freq]
+    if len(freq) != num_layers:
+        raise RosetoolError(f"moe_layer_freq lists {len(freq)} layers for a {num_layers}-layer model")
+    return [i for i, moe in enumerate(freq) if not moe]
+
+
+def _moe_args(cfg: Mapping[str, Any], layout: Layout, te: bool) -> dict[str, Any]:
+    if not cfg.get("num_experts"):
+        return {}
+    if cfg.get("qk_norm_full_width"):
+        raise RosetoolError("qk_norm_full_width (OLMoE's q/k norm over all heads) has no Megatron-LM equivalent")
+    dense = set(cfg["mlp_only_layers"])
+    return dict(num_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
+                moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+                moe_shared_expert_intermediate_size=cfg["shared_expert_intermediate_size"] or None,
+                moe_shared_expert_gate=bool(cfg["shared_expert_gate"]),
+                moe_router_pre_softmax=not cfg["norm_topk_prob"], moe_router_score_function="softmax",
+                moe_layer_freq=[int(i not in dense) for i in range(cfg["num_layers"])] if dense else 1,
+                expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
+                moe_grouped_gemm=te, moe_token_dispatcher_type="alltoall")
 
 
 def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_vocab: int, divisible_by: int,
@@ -89,6 +144,7 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         qk_layernorm=bool(cfg["qk_norm"]), params_dtype=dtype, fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16, ckpt_format=ckpt_format, use_legacy_models=legacy,
         transformer_impl="transformer_engine" if te else "local", checkpoint_version=CHECKPOINT_VERSION,
+        **_moe_args(cfg, layout, te),
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
 
 
@@ -105,6 +161,8 @@ def summary(args: Any) -> dict[str, Any]:
     """The args fields `inspect` shows."""
     names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
              "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "normalization",
-             "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "params_dtype")
+             "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "params_dtype",
+             "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+             "moe_layer_freq", "expert_model_parallel_size")
     return {n: str(getattr(args, n)) if isinstance(getattr(args, n, None), torch.dtype) else getattr(args, n, None)
-            for n in names}
+            for n in names if hasattr(args, n) or not n.startswith(("moe_", "num_experts", "expert_"))}

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from ...errors import RosetoolError
 from ...mappings.spec import expand
 from ..execute import execute
 from ..plan import Group, Plan, format_env
@@ -91,6 +92,9 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
                         max_shard_size: int | None, on_tensor: Callable[[int], None] | None, *,
                         layout: Layout = SINGLE, iteration: int | str = "release") -> None:
     cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
+    if cfg.get("num_experts"):
+        raise RosetoolError(f"{ckpt.spec.name}: torch_dist output of mixture-of-experts models is not implemented "
+                            f"(megatron-core's sharded expert keys); use --format torch, with --ep as needed")
     env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
     target = folder / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
     target.mkdir()

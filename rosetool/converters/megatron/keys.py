@@ -11,6 +11,8 @@ import torch
 from .unpickler import LazyTensor
 
 _LAYER = re.compile(r"(\.layers\.)(\d+)(\.)")
+# SequentialMLP `experts.local_experts.3.linear_fc1.weight`, TEGroupedMLP `experts.linear_fc1.weight3`
+_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)|(\.experts\.linear_fc[12]\.weight)(\d+)()$")
 # Older legacy spellings -> checkpoint_version 3.0 spellings (applied to `language_model.*` keys only).
 _LEGACY_ALIASES = [
     (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
@@ -62,6 +64,23 @@ def layer_of(key: str) -> int | None:
 
 def renumber(key: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", key, count=1)
+
+
+def expert_of(key: str) -> int | None:
+    m = _EXPERT.search(key)
+    return None if m is None else int(m.group(2) or m.group(5))
+
+
+def renumber_expert(key: str, offset: int) -> str:
+    def sub(m: re.Match[str]) -> str:
+        head, num, tail = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5), "")
+        return f"{head}{int(num) + offset}{tail}"
+    return _EXPERT.sub(sub, key, count=1)
+
+
+def expert_layouts(keys: list[str]) -> set[str]:
+    """Which expert layouts keys use; a checkpoint must use one."""
+    return {"local_experts" if m.group(2) else "grouped" for k in keys if (m := _EXPERT.search(k))}
 
 
 def nest_legacy(flat: dict[str, Any]) -> dict[str, Any]:

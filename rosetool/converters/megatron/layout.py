@@ -1,4 +1,5 @@
-"""Where things are in a Megatron checkpoint folder: iteration folders, rank folders, PP stages."""
+"""Where things are in a Megatron checkpoint folder: iteration folders, rank folders, PP stages,
+expert-parallel ranks."""
 
 from __future__ import annotations
 
@@ -10,16 +11,28 @@ from ...errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 
 
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
     pp: int = 1
+    ep: int = 1    # expert parallel: each EP rank holds num_experts / ep experts, numbered from 0
 
-    def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
-        return f"mp_rank_{tp_rank:02d}" if self.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        """Megatron-LM's get_checkpoint_name: `mp_rank_TT[_PPP][_EEE]`, each suffix only when that
+        parallelism is > 1 (so `mp_rank_00_001` is a PP stage or an EP rank, as the args declare)."""
+        name = f"mp_rank_{tp_rank:02d}" if self.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+        return name if self.ep == 1 else f"{name}_{ep_rank:03d}"
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+
+    def experts_per_rank(self, num_experts: int) -> int:
+        if num_experts % self.ep:
+            raise CheckpointError(f"{num_experts} experts cannot be split evenly over EP={self.ep}")
+        return num_experts // self.ep
 
     def stage_layers(self, num_layers: int) -> list[range]:
         """Even split, as Megatron does without uneven-pipeline flags."""
@@ -62,26 +75,39 @@ def is_megatron(root: Path) -> bool:
     return is_torch_dist(root) or any(_RANK_DIR.match(p.name) for p in root.glob("mp_rank_*"))
 
 
-def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int], Path]:
-    """(tp, pp) -> rank file, checked complete against the TP/PP the checkpoint declares."""
+def _rank_of(name: str, declared: Layout) -> tuple[int, int, int] | None:
+    m = _RANK_DIR.match(name)
+    if not m:
+        return None
+    rest = [int(x) for x in m.group(2).split("_")[1:]]
+    if len(rest) != (declared.pp > 1) + (declared.ep > 1):
+        return (-1, -1, -1)    # a folder of another layout
+    pp = rest.pop(0) if declared.pp > 1 else 0
+    return int(m.group(1)), pp, rest[0] if rest else 0
+
+
+def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Path]:
+    """(tp, pp, ep) -> rank file, checked complete against the TP/PP/EP the checkpoint declares."""
+    what = f"TP={declared.tp}, PP={declared.pp}, EP={declared.ep}"
     found = {}
-    for p in folder.iterdir():
-        m = _RANK_DIR.match(p.name)
-        if m and (p / RANK_FILE).exists():
-            found[(int(m.group(1)), int(m.group(2) or 0))] = p / RANK_FILE
-    for pp in range(declared.pp):
-        for tp in range(declared.tp):
-            if (tp, pp) not in found:
-                raise CheckpointError(f"{folder / declared.rank_dir(tp, pp) / RANK_FILE}: missing rank file "
-                                      f"(checkpoint declares TP={declared.tp}, PP={declared.pp})")
-    extra = sorted(set(found) - {(t, p) for t in range(declared.tp) for p in range(declared.pp)})
+    for p in sorted(folder.iterdir()):
+        rank = _rank_of(p.name, declared)
+        if rank is not None and (p / RANK_FILE).exists():
+            if rank == (-1, -1, -1) or rank in found:
+                raise CheckpointError(f"{p / RANK_FILE}: rank folder does not fit the declared {what}")
+            found[rank] = p / RANK_FILE
+    for rank in declared.ranks():
+        if rank not in found:
+            raise CheckpointError(f"{folder / declared.rank_dir(*rank) / RANK_FILE}: missing rank file "
+                                  f"(checkpoint declares {what})")
+    extra = sorted(set(found) - set(declared.ranks()))
     if extra:
-        raise CheckpointError(f"{found[extra[0]]}: rank file outside the declared TP={declared.tp}, PP={declared.pp}")
+        raise CheckpointError(f"{found[extra[0]]}: rank file outside the declared {what}")
     return found
 
 
 def first_rank_file(folder: Path) -> Path:
-    for name in ("mp_rank_00", "mp_rank_00_000"):
+    for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
         if (folder / name / RANK_FILE).exists():
             return folder / name / RANK_FILE
     raise CheckpointError(f"{folder}: no {RANK_FILE} for TP rank 0 / PP stage 0 (mp_rank_00[_000]/)")

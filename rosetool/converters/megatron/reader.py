@@ -3,6 +3,8 @@
 Every TP shard of a tensor is checked against the shape the spec plans for it, so a missing rank or a
 shard that does not fit the declared TP fails at open, naming the rank file and tensor. Reading a key
 merges its shards (per the entry's `tp:` rule) from memory-mapped rank files, one tensor at a time.
+With expert parallelism every EP rank's experts are gathered under their global numbers, and an
+expert one EP rank lacks fails at open too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ShardedTensor:
     stage: int
     local: str
     rule: TPRule
+    ep: int = 0
 
 
 def _model_state(blob: dict[str, Any], path: Path) -> dict[str, LazyTensor]:
@@ -45,15 +48,41 @@ def _model_state(blob: dict[str, Any], path: Path) -> dict[str, LazyTensor]:
     return K.tensors_of(blob["model"])
 
 
-def _global_keys(stages: list[dict[str, LazyTensor]]) -> dict[str, tuple[int, str]]:
-    """Global key -> (stage, local key); stages number their layers from 0, in order."""
+def _global_keys(states: dict[tuple[int, int, int], dict[str, LazyTensor]], files: dict[tuple[int, int, int], Path],
+                 layout: Layout, per_rank: int) -> dict[str, tuple[int, int, str]]:
+    """Global key -> (stage, EP rank, local key); stages number their layers from 0, in order, EP ranks
+    their experts. Every EP rank must hold the same local experts."""
     out, offset = {}, 0
-    for s, state in enumerate(stages):
-        layers = {K.layer_of(k) for k in state} - {None}
-        for k in state:
-            out.setdefault(K.renumber(k, offset), (s, k))
+    for s in range(layout.pp):
+        first = states[(0, s, 0)]
+        layers = {K.layer_of(k) for k in first} - {None}
+        experts = sorted(k for k in first if K.expert_of(k) is not None)
+        for ep in range(layout.ep):
+            state = states[(0, s, ep)]
+            missing = [k for k in experts if k not in state]
+            if missing:
+                raise CheckpointError(f"{files[(0, s, ep)]}: tensor {missing[0]!r} is missing (EP rank 0 has it; "
+                                      f"{len(missing)} missing in all)")
+            for k in state if ep else first:
+                if ep and K.expert_of(k) is None:
+                    continue
+                g = K.renumber(k, offset)
+                out.setdefault(K.renumber_expert(g, ep * per_rank) if K.expert_of(k) is not None else g, (s, ep, k))
         offset += max(layers) + 1 if layers else 0
     return out
+
+
+def _one_expert_layout(states: dict[tuple[int, int, int], dict[str, LazyTensor]],
+                       files: dict[tuple[int, int, int], Path]) -> None:
+    seen: dict[str, tuple[Path, str]] = {}
+    for rank, state in states.items():
+        for k in state:
+            for kind in K.expert_layouts([k]):
+                seen.setdefault(kind, (files[rank], k))
+    if len(seen) > 1:
+        (f1, k1), (f2, k2) = seen.values()
+        raise CheckpointError(f"{f2}: tensor {k2!r} mixes expert layouts with {k1!r} in {f1} "
+                              f"(SequentialMLP local_experts vs grouped GEMM)")
 
 
 def _legacy_qkv(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor:
@@ -74,14 +103,14 @@ class _Shards:
     head_dim: int
 
     def get(self, meta: ShardedTensor) -> torch.Tensor:
-        shards = [self.states[(t, meta.stage)][meta.local].load() for t in range(self.layout.tp)]
+        shards = [self.states[(t, meta.stage, meta.ep)][meta.local].load() for t in range(self.layout.tp)]
         if self.version < 2.0 and ".query_key_value." in meta.name:
             shards = [_legacy_qkv(s, self.version, self.head_dim) for s in shards]
         return meta.rule.merge(shards)
 
     def check(self, meta: ShardedTensor, shard_shape: tuple[int, ...]) -> None:
         for t in range(self.layout.tp):
-            state, path = self.states[(t, meta.stage)], self.files[(t, meta.stage)]
+            state, path = self.states[(t, meta.stage, meta.ep)], self.files[(t, meta.stage, meta.ep)]
             if meta.local not in state:
                 raise CheckpointError(f"{path}: tensor {meta.local!r} is missing (TP rank 0 has it)")
             got = tuple(state[meta.local].shape)
@@ -96,39 +125,44 @@ def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint
     args = first.get("args")
     if args is None:
         raise CheckpointError(f"{first_rank_file(folder)}: no 'args' saved; rosetool needs them for the model shape")
-    layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1))
+    layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1),
+                    getattr(args, "expert_model_parallel_size", 1) or 1)
     files = rank_files(folder, layout)
-    states = {r: _model_state(index_rank_file(f) if r != (0, 0) else first, f) for r, f in files.items()}
-    index = _global_keys([states[(0, s)] for s in range(layout.pp)])
+    states = {r: _model_state(index_rank_file(f) if r != (0, 0, 0) else first, f) for r, f in files.items()}
+    _one_expert_layout(states, files)
+    num_experts = getattr(args, "num_experts", None) or 0
+    per_rank = layout.experts_per_rank(num_experts) if num_experts else 0
+    index = _global_keys(states, files, layout, per_rank)
     fmt_name = K.detect_format(list(index))
-    spec = spec_for_args(args, str(files[(0, 0)]))
-    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(files[(0, 0)]))
+    where = str(files[(0, 0, 0)])
+    spec = spec_for_args(args, where)
+    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), where)
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"]),
               "tensor_parallel": layout.tp}
     shards = _Shards(files, states, layout, float(first.get("checkpoint_version", 0)), config["head_dim"])
     metas = _metas(spec.format(fmt_name), spec, config, params, index, shards)
     info = {"params": params, "iteration": iteration,
-            "megatron": {"format": "torch", "layout": fmt_name, "tp": layout.tp, "pp": layout.pp,
+            "megatron": {"format": "torch", "layout": fmt_name, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
                          "checkpoint_version": first.get("checkpoint_version"), "args": summary(args)},
             "ranks": {str(f.relative_to(root)): {k: list(v.shape) for k, v in states[r].items()}
-                      for r, f in sorted(files.items(), key=lambda x: (x[0][1], x[0][0]))}}
+                      for r, f in sorted(files.items(), key=lambda x: (x[0][1], x[0][2], x[0][0]))}}
     raw = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return Checkpoint(root, fmt_name, spec, raw, config, metas, lambda k: shards.get(metas[k]), [], info)
 
 
 def _metas(fmt: Format, spec: ArchSpec, config: dict[str, Any], params: dict[str, Any],
-           index: dict[str, tuple[int, str]], shards: _Shards) -> dict[str, ShardedTensor]:
+           index: dict[str, tuple[int, int, str]], shards: _Shards) -> dict[str, ShardedTensor]:
     """Global tensors with the shape the spec plans (so `plan` checks them), every shard checked."""
     env = format_env(fmt, config, params)
     steps = {s.key: s for s in expand_format(spec, fmt, config, params)}
     tp = shards.layout.tp
     metas = {}
-    for key, (stage, local) in index.items():
-        tensor = shards.states[(0, stage)][local]
+    for key, (stage, ep, local) in index.items():
+        tensor = shards.states[(0, stage, ep)][local]
         step = steps.get(key)
         rule = parse_rule(step.tp, env) if step else TPRule()
         shape = step.shape if step and rule.fits(step.shape, tp) else _merged_shape(tensor, rule, tp)
-        meta = ShardedTensor(key, tensor.dtype, tuple(shape), shards.files[(0, stage)], stage, local, rule)
+        meta = ShardedTensor(key, tensor.dtype, tuple(shape), shards.files[(0, stage, ep)], stage, local, rule, ep)
         shards.check(meta, rule.shard_shape(meta.shape, tp))
         metas[key] = meta
     return metas

@@ -1,8 +1,10 @@
 """Write a plan's global tensors as Megatron torch-format rank files.
 
-Each (TP rank, PP stage) file is built by running only that stage's groups and keeping rank r's
-shard, so peak memory is one rank file plus one global tensor: the pickle format forces a whole rank
-file in memory, nothing more is held. The cost is reading each stage's source tensors TP times.
+Each (TP rank, PP stage, EP rank) file is built by running only that stage's groups and keeping rank
+r's shard, so peak memory is one rank file plus one global tensor: the pickle format forces a whole
+rank file in memory, nothing more is held. The cost is reading each stage's source tensors TP times.
+Expert keys are planned with global expert numbers; EP rank k keeps experts k*E/EP .. (k+1)*E/EP - 1,
+renumbered from 0, and every EP rank holds the rest of its stage.
 """
 
 from __future__ import annotations
@@ -79,44 +81,59 @@ def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtyp
     (folder / TRACKER).write_text(f"{iteration}\n")
     header = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
               "iteration": 0 if iteration == "release" else int(iteration)}
+    num_experts = cfg.get("num_experts") or 0
+    if layout.ep > 1 and not num_experts:
+        raise RosetoolError(f"EP={layout.ep} needs a mixture-of-experts model; {ckpt.spec.name} has no experts")
+    per_rank = layout.experts_per_rank(num_experts) if num_experts else 0
     for stage in range(layout.pp):
-        groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg)
-        stage_plan = replace(plan, groups=groups)
-        extra = _extra_state(fmt.write.get("extra_state", []), stages, stage)
-        for rank in range(layout.tp):
-            sink = _RankSink(rules, rank, layout.tp, local, on_tensor, dict(extra))
-            execute(stage_plan, ckpt, sink, dtype)
-            model = K.nest_legacy(sink.state) if plan.dst_format == "megatron_legacy" else sink.state
-            path = folder / folder_name / layout.rank_dir(rank, stage) / RANK_FILE
-            path.parent.mkdir(parents=True)
-            torch.save({**header, "model": model}, path)
-            del sink, model     # before the next rank's shards arrive: one rank file in memory at a time
+        for ep in range(layout.ep):
+            experts = range(ep * per_rank, (ep + 1) * per_rank)
+            groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg, experts)
+            stage_plan = replace(plan, groups=groups)
+            extra = _extra_state(fmt.write.get("extra_state", []), stages, stage, groups, local, num_experts)
+            for rank in range(layout.tp):
+                sink = _RankSink(rules, rank, layout.tp, local, on_tensor, dict(extra))
+                execute(stage_plan, ckpt, sink, dtype)
+                model = K.nest_legacy(sink.state) if plan.dst_format == "megatron_legacy" else sink.state
+                path = folder / folder_name / layout.rank_dir(rank, stage, ep) / RANK_FILE
+                path.parent.mkdir(parents=True)
+                torch.save({**header, "model": model}, path)
+                del sink, model     # before the next rank's shards arrive: one rank file in memory at a time
 
 
 def _stage_groups(plan: Plan, stages: _Stages, stage: int, tied_head: str | None,
-                  cfg: dict[str, Any]) -> tuple[list[Group], Callable[[str], list[str]]]:
-    """The stage's groups, and global key -> local key(s). A tied embedding is also written as the
-    last stage's head (Megatron keeps that copy when PP > 1)."""
+                  cfg: dict[str, Any], experts: range) -> tuple[list[Group], Callable[[str], list[str]]]:
+    """The stage's groups, and global key -> local key(s); an expert outside this EP rank's `experts`
+    has none. A tied embedding is also written as the last stage's head (Megatron keeps that copy
+    when PP > 1)."""
     last = len(stages.layers) - 1
     tied_copy = cfg["tie_word_embeddings"] and tied_head and last > 0 and stage == last
-    groups = [g for g in plan.groups if stages.of(g.writes[0].key) == stage or
-              (tied_copy and stages.of(g.writes[0].key) == 0 and K.layer_of(g.writes[0].key) is None)]
 
     def local(key: str) -> list[str]:
+        expert = K.expert_of(key)
+        if expert is not None:
+            if expert not in experts:
+                return []
+            key = K.renumber_expert(key, -experts.start)
         if stages.of(key) == stage:
             return [stages.local(key)]
-        return [tied_head] if "word_embeddings" in key else []
+        return [tied_head] if tied_copy and "word_embeddings" in key else []
 
+    groups = [g for g in plan.groups if any(local(w.key) for w in g.writes)]
     return groups, local
 
 
-def _extra_state(templates: list[str], stages: _Stages, stage: int) -> dict[str, None]:
-    """`_extra_state` entries mcore modules expect (None for local layers; TE fills its own)."""
+def _extra_state(templates: list[str], stages: _Stages, stage: int, groups: list[Group],
+                 local: Callable[[str], list[str]], num_experts: int) -> dict[str, None]:
+    """`_extra_state` entries mcore modules expect (None for local layers; TE fills its own). A
+    per-layer module gets one only in layers that have its weights (dense and MoE layers differ)."""
+    written = {k for g in groups for w in g.writes for k in local(w.key)}
     out = {}
     for t in templates:
-        layers = stages.layers[stage] if "{i}" in t else [None]
-        for layer in layers:
-            key = expand(t, layer)
-            if stages.of(key) == stage:
-                out[stages.local(key) + "._extra_state"] = None
+        for layer in stages.layers[stage] if "{i}" in t else [None]:
+            for expert in range(num_experts) if "{e}" in t else [None]:
+                names = local(expand(t, layer, expert) + ".weight")
+                name = names[0].removesuffix(".weight") if names else None
+                if name and (layer is None or any(k.startswith(name + ".") for k in written)):
+                    out[name + "._extra_state"] = None
     return out
