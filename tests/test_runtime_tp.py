@@ -107,6 +107,21 @@ def test_sizes_that_do_not_divide_fail_before_any_process_starts(gpt2, cli):
     assert res.code == 2 and "does not divide" in res.err and "Traceback" not in res.err
 
 
+def test_models_the_specs_cannot_cut_fail_before_any_process_starts(cli, tmp_path):
+    from moe_models import build_moe_hf
+    from test_families import CASES, build
+
+    mixtral = build_moe_hf("mixtral", tmp_path / "mixtral")
+    neox = build(*CASES["neox-parallel"][:2], tmp_path / "neox")
+    for path, message in ((mixtral, "does not split mixture-of-experts"), (neox, "declares no tp rules")):
+        with pytest.raises(RosetoolError, match=message):
+            LLM(path, device="cpu", tensor_parallel_size=2)
+        assert not tp_workers()
+        res = cli("generate", path, "1 2 3", "--tp", "2", "--device", "cpu")
+        assert res.code == 2 and message in res.err and "Traceback" not in res.err
+        assert len(res.err.strip().splitlines()) == 1
+
+
 def test_bench_rosetool_backend_with_tp(gpt2):
     from typer.testing import CliRunner
 

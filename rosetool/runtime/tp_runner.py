@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rosetool.canonical import ModelArgs
 from rosetool.converters.sources import open_checkpoint
 from rosetool.errors import RosetoolError
 from rosetool.runtime.attention import AttentionContext
@@ -29,7 +28,7 @@ from rosetool.runtime.parallel import (STEP_TIMEOUT, TPGroup, await_workers, exi
                                        launched_by_torchrun, rank_device, report, require_no_group,
                                        share_cpu_threads, spawn_workers)
 from rosetool.runtime.scheduler import ScheduledBatch
-from rosetool.runtime.tp_shard import TPShard, local_args
+from rosetool.runtime.tp_shard import TPShard, check_shardable
 
 _STEP, _STOP = 1, 0
 _HEADER = 7   # kind, tokens, seqs, block-table width, max_query_len, is_decode, logit rows
@@ -142,7 +141,7 @@ def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Conn
 
 def start(model: str, config: EngineConfig, world: int) -> tuple[Transformer, LoadedInfo, TPModelRunner]:
     """Rank 0's shard, runner and workers. Under torchrun a rank > 0 serves here and then exits."""
-    local_args(ModelArgs.from_dict(open_checkpoint(model).config), world)   # refuse a bad size before any spawn
+    check_shardable(open_checkpoint(model), world)   # refuse a bad size or an unshardable model before any spawn
     require_no_group()
     if launched_by_torchrun():
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

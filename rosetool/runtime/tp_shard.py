@@ -69,6 +69,18 @@ def parse_rule(raw: Any, shape: tuple[int, ...], env: Mapping[str, Any], key: st
                         "or {dim, heads}")
 
 
+def check_shardable(ckpt: Checkpoint, world: int) -> None:
+    """Refuse, before any process starts, a model whose spec does not say how to cut it."""
+    args = ModelArgs.from_dict(ckpt.config)
+    if world > 1 and args.num_experts:
+        raise RosetoolError(f"{ckpt.path}: tensor parallelism does not split mixture-of-experts layers yet "
+                            f"({ckpt.spec.name}, {args.num_experts} experts); run it with tensor_parallel_size=1")
+    if world > 1 and not any(e.tp is not None for e in ckpt.spec.format("native").entries):
+        raise RosetoolError(f"{ckpt.spec.file}: {ckpt.spec.name} declares no tp rules for its native tensors, so "
+                            f"tensor parallelism is not available for it yet; run it with tensor_parallel_size=1")
+    local_args(args, world)
+
+
 def local_args(args: ModelArgs, world: int) -> ModelArgs:
     """The config one rank's modules are built from: its share of heads, KV heads, MLP width, vocab."""
     for name in ("num_heads", "intermediate_size", "vocab_size"):
