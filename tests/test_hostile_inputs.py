@@ -527,13 +527,19 @@ def test_force_replaces_what_appeared_during_the_run(bases, tmp_path, cli, monke
     assert (dst / "model.safetensors").is_file() and not (dst / "old.txt").exists() and beside(dst) == []
 
 
-def test_symlink_dst_is_refused_without_force(bases, tmp_path, cli):
+def _symlink_dst(tmp_path: Path) -> tuple[Path, Path]:
+    """A destination that is a symlink to a folder holding a user's work."""
     target = tmp_path / "precious"
     target.mkdir()
     (target / "thesis.txt").write_text("years of work")
     dst = tmp_path / "out" / "dst"
     dst.parent.mkdir()
     dst.symlink_to(target)
+    return dst, target
+
+
+def test_symlink_dst_is_refused_without_force(bases, tmp_path, cli):
+    dst, target = _symlink_dst(tmp_path)
     res = cli(*TO_NATIVE, bases["hf"], dst)
     assert res.code == 2 and "destination is a symlink" in one_error_line(res)
     assert dst.is_symlink() and (target / "thesis.txt").read_text() == "years of work"
@@ -541,12 +547,7 @@ def test_symlink_dst_is_refused_without_force(bases, tmp_path, cli):
 
 
 def test_force_replaces_a_symlink_dst_not_its_target(bases, tmp_path, cli):
-    target = tmp_path / "precious"
-    target.mkdir()
-    (target / "thesis.txt").write_text("years of work")
-    dst = tmp_path / "out" / "dst"
-    dst.parent.mkdir()
-    dst.symlink_to(target)
+    dst, target = _symlink_dst(tmp_path)
     res = cli(*TO_NATIVE, bases["hf"], dst, "--force")
     assert res.code == 0, res.err
     assert not dst.is_symlink() and (dst / "model.safetensors").is_file()
