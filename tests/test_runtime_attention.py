@@ -50,18 +50,24 @@ def dense_attention(q, k, v, positions, window):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("query_lens", [[1, 1, 1], [7, 1, 12]])
-def test_paged_attention_matches_dense(query_lens, window):
-    seq_lens, heads, kv_heads, head_dim = [9, 20, 33], 4, 2, 8
-    k_cache, v_cache, ctx, dense = build_paged(seq_lens, query_lens, 24, 4, kv_heads, head_dim)
-    q = torch.randn(sum(query_lens), heads, head_dim)
+def assert_matches_dense(q, k_cache, v_cache, ctx, dense, seq_lens, query_lens, window):
+    """Paged attention over the whole batch equals dense attention of each sequence's new queries."""
+    head_dim = q.shape[-1]
     out = paged_attention(q, k_cache, v_cache, ctx, 1 / math.sqrt(head_dim), window)
     start = 0
     for (k, v), q_len, n in zip(dense, query_lens, seq_lens):
         expected = dense_attention(q[start:start + q_len], k, v, torch.arange(n - q_len, n), window)
         torch.testing.assert_close(out[start:start + q_len], expected, rtol=1e-5, atol=1e-5)
         start += q_len
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [7, 1, 12]])
+def test_paged_attention_matches_dense(query_lens, window):
+    seq_lens, heads, kv_heads, head_dim = [9, 20, 33], 4, 2, 8
+    k_cache, v_cache, ctx, dense = build_paged(seq_lens, query_lens, 24, 4, kv_heads, head_dim)
+    q = torch.randn(sum(query_lens), heads, head_dim)
+    assert_matches_dense(q, k_cache, v_cache, ctx, dense, seq_lens, query_lens, window)
 
 
 # The fast paths: equal-length decode (no mask, window as a slice), one fresh prompt (causal, no mask),
@@ -75,12 +81,7 @@ def test_paged_attention_fast_paths_match_dense(seq_lens, query_lens, window, he
     head_dim = 8
     k_cache, v_cache, ctx, dense = build_paged(seq_lens, query_lens, 32, 4, kv_heads, head_dim, seed=len(seq_lens))
     q = torch.randn(sum(query_lens), heads, head_dim)
-    out = paged_attention(q, k_cache, v_cache, ctx, 1 / math.sqrt(head_dim), window)
-    start = 0
-    for (k, v), q_len, n in zip(dense, query_lens, seq_lens):
-        expected = dense_attention(q[start:start + q_len], k, v, torch.arange(n - q_len, n), window)
-        torch.testing.assert_close(out[start:start + q_len], expected, rtol=1e-5, atol=1e-5)
-        start += q_len
+    assert_matches_dense(q, k_cache, v_cache, ctx, dense, seq_lens, query_lens, window)
 
 
 def test_store_kv_skips_padding_slots():
