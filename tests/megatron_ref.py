@@ -117,7 +117,7 @@ def save_torch_dist(model: torch.nn.Module, args: Any, folder: Path, iteration: 
     """Save as Megatron-LM does with --ckpt-format torch_dist: mcore's dist_checkpointing, args in common.pt."""
     from megatron.core import dist_checkpointing
     target = folder / f"iter_{iteration:07d}"
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)     # every rank of a collective save gets here
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.sharded_state_dict()}
     dist_checkpointing.save(state, str(target))
     (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
@@ -183,21 +183,28 @@ def save_torch(model: torch.nn.Module, args: Any, folder: Path, iteration: int, 
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model.state_dict()}, rank)
 
 
-def ep_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int, args: Any = None) -> None:
+def ep_worker(rank: int, world: int, folder: str, ids: torch.Tensor, out: str, port: int, args: Any = None,
+              dist: bool = False) -> None:
     """One rank of an EP=world run over gloo (Megatron-LM's rank folder mp_rank_00_{ep:03d}); rank 0 saves
     the logits. With `args`, megatron-core builds, randomises and saves its own checkpoint under `folder`;
-    without, the rank loads rosetool's rank file from `folder` strictly."""
+    without, the rank loads rosetool's checkpoint from `folder` strictly. `dist`: torch_dist, saved and
+    loaded collectively by megatron-core's dist_checkpointing, instead of one torch file per rank."""
     patch_for_cpu()
     init_parallel(rank, world, port=port, ep=world)
     rank_dir = f"mp_rank_00_{rank:03d}"
-    if args is None:
+    if args is None and dist:
+        model = load_torch_dist(Path(folder))
+    elif args is None:
         file_args, state = load_rank(Path(folder) / rank_dir / "model_optim_rng.pt")
         model = build_model(file_args)
         model.load_state_dict(state, strict=True)
     else:
         model = build_model(args)
         randomise(model, expert_seed=rank)
-        save_torch(model, args, Path(folder), 1, rank_dir)
+        if dist:
+            save_torch_dist(model, args, Path(folder), 1)
+        else:
+            save_torch(model, args, Path(folder), 1, rank_dir)
     result = logits(model, ids)
     if rank == 0:
         torch.save(result, out)

@@ -82,3 +82,27 @@ def test_layouts_the_model_cannot_take(tmp_path: Path, capsys: pytest.CaptureFix
     assert run("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", *flags) == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "mg").exists()
+
+
+def test_strict_refuses_nan_weights_on_every_megatron_command(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --strict a NaN weight is a warning naming the tensor; with it, exit 2 and no output."""
+    from safetensors.torch import load_file, save_file
+    ref.tiny_hf("llama", tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "refused", "--strict") == 2
+    assert key in error_line(capsys) and not (tmp_path / "refused").exists()
+    assert run("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--tp", 2) == 0
+    assert key in capsys.readouterr().err
+    megatron_key = "decoder.layers.1.mlp.linear_fc1.weight"
+    for argv in (["convert", "megatron-to-hf", tmp_path / "mg"], ["reshard", tmp_path / "mg"]):
+        assert run(*argv, tmp_path / "out", "--strict") == 2
+        assert megatron_key in error_line(capsys) and not (tmp_path / "out").exists()
+        assert run(*argv, tmp_path / "out") == 0
+        assert megatron_key in capsys.readouterr().err
+        shutil.rmtree(tmp_path / "out")

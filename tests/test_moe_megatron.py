@@ -176,9 +176,3 @@ def test_ep_on_a_dense_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert run("convert", "hf-to-megatron", tmp_path / "hf", tmp_path / "mg", "--ep", 2) == 2
     assert "needs a mixture-of-experts model" in error_line(capsys)
 
-
-def test_torch_dist_output_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src = hf("mixtral", tmp_path / "hf")
-    capsys.readouterr()
-    assert run("convert", "hf-to-megatron", src, tmp_path / "mg", "--format", "torch_dist") == 2
-    assert "torch_dist output of mixture-of-experts models is not implemented" in error_line(capsys)

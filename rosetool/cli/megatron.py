@@ -10,7 +10,8 @@ import typer
 from ..converters.megatron import Layout, is_megatron, make_writer, open_megatron
 from ..converters.megatron.layout import TRACKER
 from ..errors import RosetoolError
-from .convert import Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, TokenizerOpt, run_conversion
+from .convert import (Dst, DtypeOpt, ForceOpt, JsonOpt, ShardOpt, Src, StrictOpt, TokenizerOpt,
+                      run_conversion)
 
 if TYPE_CHECKING:
     from ..converters.api import ConvertResult
@@ -24,12 +25,13 @@ VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim t
                         "to, for checkpoints rosetool did not write (default: the one recorded, else no trim).")
 
 
-def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bool, as_json: bool,
+def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bool, as_json: bool, strict: bool,
          layout: Layout | None = None, max_shard_size: str | None = None, tokenizer: str | None = None,
          **writer_args: object) -> ConvertResult:
     params = {"tensor_parallel": layout.tp} if layout else None
     writer = make_writer(layout, **writer_args) if layout else None
-    return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer, tokenizer)
+    return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer, tokenizer,
+                          strict=strict)
 
 
 def _open(src: str, vocab_size: int | None) -> Checkpoint:
@@ -43,13 +45,14 @@ def _open(src: str, vocab_size: int | None) -> Checkpoint:
 
 def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
                    ckpt_format: str = typer.Option("torch", "--format", help="torch (one file per TP/PP rank) or "
-                                                   "torch_dist (global tensors; TP/PP only set vocab padding and args)."),
+                                                   "torch_dist (global tensors, MoE experts included; TP/PP/EP only set vocab padding and args)."),
                    te_layout: bool = typer.Option(False, "--te-layout", help="Transformer Engine keys "
                                                   "(norms fused into linear_qkv / linear_fc1); torch_dist always "
                                                   "uses them."),
                    legacy: bool = typer.Option(False, "--legacy", help="Legacy Megatron-LM model keys "
                                                "(language_model.*), torch format only."),
-                   dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                   dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
+                   strict: bool = StrictOpt) -> None:
     """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP/EP layout.
 
     Families: GPT-2, the Llama family and the MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE; OLMoE is
@@ -65,21 +68,27 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
         raise RosetoolError(f"{src} is already a Megatron checkpoint: use `rosetool reshard` to change its layout")
     te = te_layout or ckpt_format == "torch_dist"
     to = "megatron_te" if te else "megatron_legacy" if legacy else "megatron"
-    _run(src, dst, to, dtype, force, as_json, Layout(tp, pp, ep), ckpt_format=ckpt_format)
+    if ckpt_format == "torch_dist":    # MoE specs have torch_dist's own expert layout
+        from ..converters.sources import open_checkpoint
+        src = open_checkpoint(src)
+        to = "megatron_dist" if "megatron_dist" in src.spec.formats else to
+    _run(src, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), ckpt_format=ckpt_format)
 
 
 def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = VocabOpt,
                    dtype: str | None = DtypeOpt, max_shard_size: str | None = ShardOpt,
-                   tokenizer: str | None = TokenizerOpt, force: bool = ForceOpt, as_json: bool = JsonOpt) -> None:
+                   tokenizer: str | None = TokenizerOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
+                   strict: bool = StrictOpt) -> None:
     """Megatron checkpoint (torch or torch_dist, any TP/PP) -> HF folder, padded vocabulary trimmed."""
-    _run(_open(src, vocab_size), dst, "hf", dtype, force, as_json, max_shard_size=max_shard_size,
+    _run(_open(src, vocab_size), dst, "hf", dtype, force, as_json, strict, max_shard_size=max_shard_size,
          tokenizer=tokenizer)
 
 
 def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
             vocab_size: int | None = VocabOpt, dtype: str | None = DtypeOpt, force: bool = ForceOpt,
-            as_json: bool = JsonOpt) -> None:
+            as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
     """Megatron checkpoint -> the same model at another TP/PP/EP layout (same key layout, same iteration)."""
     ckpt = _open(src, vocab_size)
     iteration = ckpt.info.get("iteration", "release")
-    _run(ckpt, dst, ckpt.format, dtype, force, as_json, Layout(tp, pp, ep), iteration=iteration)
+    to = "megatron_te" if ckpt.format == "megatron_dist" else ckpt.format   # the output is torch format
+    _run(ckpt, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), iteration=iteration)

@@ -79,7 +79,7 @@ def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype 
 
 
 # Formats whose output is not one safetensors folder (Megatron rank files) register a writer here.
-WRITERS: dict[str, Callable[..., None]] = {f: megatron_writer() for f in MEGATRON_FORMATS}
+WRITERS: dict[str, Callable[..., None]] = {f: megatron_writer(ckpt_format=c) for f, c in MEGATRON_FORMATS.items()}
 
 
 def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str | None = None,

@@ -16,7 +16,8 @@ from .layout import SINGLE, Layout, is_megatron
 if TYPE_CHECKING:
     from ..sources import Checkpoint
 
-FORMATS = ("megatron", "megatron_te", "megatron_legacy")
+# key layout -> the checkpoint format that holds it (megatron_dist: torch_dist MoE, experts stacked globally)
+FORMATS = {"megatron": "torch", "megatron_te": "torch", "megatron_legacy": "torch", "megatron_dist": "torch_dist"}
 
 
 def open_megatron(path: Path, vocab_size: int | None = None) -> Checkpoint:

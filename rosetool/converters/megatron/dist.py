@@ -1,12 +1,14 @@
 """Read Megatron's torch_dist format (PyTorch distributed checkpoint) with plain torch.
 
 Tensors are stored globally, so no TP merging; homogeneous layers are stacked as
-`decoder.layers.<param>` with a leading [num_layers] dim and are presented per layer. Each read
-loads only the requested layer's slice, so memory stays at one tensor.
+`decoder.layers.<param>` with a leading [num_layers] dim and are presented per layer, and an MoE
+layer's experts (one [num_experts, ...] tensor) are presented per expert. Each read loads only the
+requested layer's and expert's slice, so memory stays at one tensor.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ class DistTensor:
     shape: tuple[int, ...]
     file: Path
     fqn: str                 # key in the checkpoint
-    layer: int | None        # index into the stacked leading dim
+    lead: tuple[int, ...]    # indices into the stacked leading dims (layer, expert), outermost first
 
 
 class _SlicePlanner(DefaultLoadPlanner):
@@ -54,10 +56,8 @@ class _SlicePlanner(DefaultLoadPlanner):
 
     def __init__(self, meta: DistTensor, stored: TensorStorageMetadata):
         super().__init__()
-        offsets = [0] * len(stored.size)
-        if meta.layer is not None:
-            offsets[0] = meta.layer
-        sizes = ([1] if meta.layer is not None else []) + list(meta.shape)
+        offsets = list(meta.lead) + [0] * len(meta.shape)
+        sizes = [1] * len(meta.lead) + list(meta.shape)
         self._chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         self._meta, self._stored = meta, stored
 
@@ -107,7 +107,7 @@ def read_metadata(folder: Path) -> Metadata:
 
 
 def _read(folder: Path, metadata: Metadata, meta: DistTensor) -> torch.Tensor:
-    out = torch.empty(([1] if meta.layer is not None else []) + list(meta.shape), dtype=meta.dtype)
+    out = torch.empty([1] * len(meta.lead) + list(meta.shape), dtype=meta.dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -116,7 +116,7 @@ def _read(folder: Path, metadata: Metadata, meta: DistTensor) -> torch.Tensor:
     except Exception as exc:   # DCP wraps every reader failure in its own CheckpointException
         reason = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason})") from None
-    return out[0] if meta.layer is not None else out
+    return out.reshape(meta.shape)
 
 
 def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
@@ -124,14 +124,15 @@ def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
     for fqn, md in stored.items():
         if not isinstance(md, TensorStorageMetadata) or "_extra_state" in fqn:
             continue
-        m = _STACKED.match(fqn)
-        dtype = md.properties.dtype
-        if m:
-            for layer in range(md.size[0]):
-                key = f"{m.group(1)}.{layer}.{m.group(2)}"
-                out[key] = DistTensor(key, dtype, tuple(md.size[1:]), folder / ".metadata", fqn, layer)
-        else:
-            out[fqn] = DistTensor(fqn, dtype, tuple(md.size), folder / ".metadata", fqn, None)
+        stacked, experts = _STACKED.match(fqn), K.DIST_EXPERTS.search(fqn)
+        dims = bool(stacked) + bool(experts)
+        if len(md.size) < dims:
+            raise CheckpointError(f"{folder / '.metadata'}: tensor {fqn!r} has shape {list(md.size)}, "
+                                  f"too few dims for its stacked layers/experts")
+        for lead in itertools.product(*(range(n) for n in md.size[:dims])):
+            key = f"{stacked.group(1)}.{lead[0]}.{stacked.group(2)}" if stacked else fqn
+            key += str(lead[-1]) if experts else ""
+            out[key] = DistTensor(key, md.properties.dtype, tuple(md.size[dims:]), folder / ".metadata", fqn, lead)
     return out
 
 

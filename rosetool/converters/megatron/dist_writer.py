@@ -1,8 +1,10 @@
 """Write Megatron's torch_dist format: one PyTorch distributed checkpoint of global tensors.
 
 Layers are stacked as megatron-core stores them (`decoder.layers.<param>` with a leading
-[num_layers] dim), each layer written as its own chunk, so no stacked tensor is ever built: a save
-planner hands `torch.distributed.checkpoint` one converted tensor at a time, as the writer asks.
+[num_layers] dim; per layer instead when dense and MoE layers mix), and an MoE layer's experts as one
+[num_experts, ...] tensor. Each layer's (and expert's) slice is written as its own chunk, so no stacked
+tensor is ever built: a save planner hands `torch.distributed.checkpoint` one converted tensor at a
+time, as the writer asks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from ...errors import RosetoolError
-from ...mappings.spec import expand
 from ..execute import execute
 from ..plan import Group, Plan, format_env
 from ..sinks import DictSink
@@ -74,27 +74,47 @@ class _ConvertingPlanner(DefaultSavePlanner):
         return self._produce(write_item)
 
 
-def _tensor_item(key: str, dtype: torch.dtype, shape: tuple[int, ...], num_layers: int) -> WriteItem:
+def _placement(key: str, cfg: dict[str, Any]) -> tuple[str, list[int], list[int]]:
+    """Where a tensor sits in megatron-core's sharded state dict: its key there, and its index into
+    (and the size of) the stacked leading dims. megatron-core keys layers one by one once dense and MoE
+    layers mix (`moe_layer_freq` not 1), and stacks them otherwise."""
+    fqn, offsets, sizes = key, [], []
     layer = K.layer_of(key)
+    if layer is not None and not cfg.get("mlp_only_layers"):
+        fqn, offsets, sizes = _stacked(key), [layer], [cfg["num_layers"]]
+    expert = K.DIST_EXPERTS.search(fqn)
+    if expert:
+        fqn = fqn[:expert.start(1)]
+        offsets, sizes = [*offsets, int(expert.group(1))], [*sizes, cfg["num_experts"]]
+    return fqn, offsets, sizes
+
+
+def _tensor_item(key: str, dtype: torch.dtype, shape: tuple[int, ...], cfg: dict[str, Any]) -> WriteItem:
+    fqn, lead, lead_sizes = _placement(key, cfg)
     props = TensorProperties(dtype=dtype)
-    if layer is None:
-        zeros = torch.Size([0] * len(shape))
-        return WriteItem(index=MetadataIndex(key, zeros), type=WriteItemType.TENSOR,
-                         tensor_data=TensorWriteData(ChunkStorageMetadata(zeros, torch.Size(shape)), props,
-                                                     torch.Size(shape)))
-    offsets = torch.Size([layer] + [0] * len(shape))
-    return WriteItem(index=MetadataIndex(_stacked(key), offsets), type=WriteItemType.SHARD,
-                     tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, torch.Size([1, *shape])), props,
-                                                 torch.Size([num_layers, *shape])))
+    offsets = torch.Size([*lead] + [0] * len(shape))
+    chunk = ChunkStorageMetadata(offsets, torch.Size([1] * len(lead) + list(shape)))
+    return WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD if lead else WriteItemType.TENSOR,
+                     tensor_data=TensorWriteData(chunk, props, torch.Size([*lead_sizes, *shape])))
+
+
+def _extra_state(keys: list[str], modules: set[str], cfg: dict[str, Any]) -> list[str]:
+    """megatron-core's `_extra_state` objects (None for local layers) of the listed per-layer modules,
+    one per stored slice of their weight, named by that slice's place: `shard_<offsets>_<sizes>`."""
+    out = []
+    for key in keys:
+        module = re.sub(r"\.weight\d*$", "", key)
+        if module != key and _LAYER.sub(".layers.{i}.", module, count=1) in modules:
+            fqn, lead, sizes = _placement(key, cfg)
+            shard = f"{'.'.join(map(str, lead)) or 0}_{'.'.join(map(str, sizes)) or 1}"
+            out.append(f"{fqn.rsplit('.', 1)[0]}._extra_state/shard_{shard}")
+    return out
 
 
 def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
                         max_shard_size: int | None, on_tensor: Callable[[int], None] | None, *,
                         layout: Layout = SINGLE, iteration: int | str = "release") -> None:
     cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
-    if cfg.get("num_experts"):
-        raise RosetoolError(f"{ckpt.spec.name}: torch_dist output of mixture-of-experts models is not implemented "
-                            f"(megatron-core's sharded expert keys); use --format torch, with --ep as needed")
     env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
     target = folder / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
     target.mkdir()
@@ -104,10 +124,9 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
     torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": 0 if iteration == "release" else int(iteration)}, target / "common.pt")
     (target / "metadata.json").write_text(json.dumps(METADATA))
-    items = [_tensor_item(k, d, s, cfg["num_layers"]) for k, d, s in plan.outputs]
+    items = [_tensor_item(k, d, s, cfg) for k, d, s in plan.outputs]
     keys = {(i.index.fqn, i.index.offset): k for i, (k, _, _) in zip(items, plan.outputs)}
-    extra = [f"{_stacked(expand(t, 0))}._extra_state/shard_{layer}_{cfg['num_layers']}"
-             for t in fmt.write.get("extra_state", []) if "{i}" in t for layer in range(cfg["num_layers"])]
+    extra = _extra_state([k for k, _, _ in plan.outputs], set(fmt.write.get("extra_state", [])), cfg)
     items += [WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO) for name in extra]
     groups = {w.key: g for g in plan.groups for w in g.writes}
 
@@ -118,7 +137,7 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
         tensor = _convert(plan, groups[key], ckpt, dtype)[key]
         if on_tensor:
             on_tensor(tensor.numel() * tensor.element_size())
-        return tensor.unsqueeze(0) if item.type == WriteItemType.SHARD else tensor
+        return tensor.view(item.tensor_data.chunk.sizes)
 
     writer = dcp.FileSystemWriter(target, single_file_per_rank=True, thread_count=1)
     dcp.save({}, storage_writer=writer, planner=_ConvertingPlanner(items, produce), no_dist=True)

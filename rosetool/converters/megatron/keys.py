@@ -21,7 +21,13 @@ _LEGACY_ALIASES = [
     (re.compile(r"\.post_attention_layernorm\."), ".post_attention_norm."),
     (re.compile(r"\.final_layernorm\."), ".final_norm."),
 ]
-FORMAT_MARKERS = [("language_model.", "megatron_legacy"), (".linear_qkv.layer_norm_weight", "megatron_te")]
+# torch_dist keys every expert of a layer as one tensor (`experts.experts.*`), checked before the TE marker
+# that the same checkpoints carry.
+# torch_dist holds every expert of a layer in one tensor, by global expert number; rosetool names expert e's
+# slice of it `...weight{e}` (the TE grouped spelling), so specs address experts one by one.
+DIST_EXPERTS = re.compile(r"\.experts\.experts\.linear_fc[12]\.weight(\d*)$")
+FORMAT_MARKERS = [("language_model.", "megatron_legacy"), (".experts.experts.", "megatron_dist"),
+                  (".linear_qkv.layer_norm_weight", "megatron_te")]
 
 
 def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
