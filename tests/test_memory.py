@@ -42,14 +42,25 @@ def test_peak_rss_does_not_grow_with_checkpoint_size(big_gpt2, tmp_path):
     assert growth < 4 * LARGEST + 64 * MB, f"conversion grew RSS by {growth / MB:.0f} MB for a {total / MB:.0f} MB model"
 
 
-def test_megatron_torch_writer_at_tp2_stays_inside_the_bound(big_gpt2, tmp_path):
-    """The torch format pickles a whole rank file, so the writer holds one rank's shards (half the model at
-    TP 2) plus allocator slack, never the whole model; the process stays inside the issue's bound of
-    1 GiB + 2x the largest tensor. (Streaming the rank file record by record would bring the growth down
-    to the largest tensors, as for safetensors; not done yet, see docs/PERFORMANCE.md.)"""
-    src, total = big_gpt2
-    growth, peak = rss_growth_and_peak(
-        f"convert({str(src)!r}, {str(tmp_path / 'meg')!r}, 'megatron', writer=make_writer(Layout(2, 1)))")
-    assert growth < total, f"grew RSS by {growth / MB:.0f} MB for a {total / MB:.0f} MB model"
-    assert peak < (1 << 30) + 2 * LARGEST, f"peak RSS {peak / MB:.0f} MB"
-    assert sorted(p.parent.name for p in (tmp_path / "meg").rglob("model_optim_rng.pt")) == ["mp_rank_00", "mp_rank_01"]
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory):
+    """Half of big_gpt2's layers, same tensors: what a writer holds per tensor shows in both, per model in one."""
+    src = tmp_path_factory.mktemp("memory_small") / "src"
+    return src, write_synthetic_hf(src, gpt2_config(n_layer=8, n_embd=1024), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_torch_writer_grows_by_tensors_not_by_model(big_gpt2, small_gpt2, tmp_path, tp):
+    """Rank files are streamed record by record (megatron/torch_zip.py), so the writer holds one global
+    tensor and its TP shards, never a rank's worth of shards: doubling the model's layers leaves the
+    growth where it was, and the process stays inside the issue's bound of 1 GiB + 2x the largest tensor."""
+    growth = {}
+    for name, (src, total) in {"small": small_gpt2, "big": big_gpt2}.items():
+        growth[name], peak = rss_growth_and_peak(
+            f"convert({str(src)!r}, {str(tmp_path / name)!r}, 'megatron', writer=make_writer(Layout({tp}, 1)))")
+        assert peak < (1 << 30) + 2 * LARGEST, f"peak RSS {peak / MB:.0f} MB"
+        ranks = sorted(p.parent.name for p in (tmp_path / name).rglob("model_optim_rng.pt"))
+        assert ranks == [f"mp_rank_{r:02d}" for r in range(tp)]
+    assert growth["big"] < growth["small"] + 2 * LARGEST, \
+        f"RSS growth {growth['small'] / MB:.0f} MB -> {growth['big'] / MB:.0f} MB when the model doubled"
+    assert growth["big"] < 8 * LARGEST + 64 * MB, f"grew RSS by {growth['big'] / MB:.0f} MB"

@@ -36,9 +36,12 @@ class TPRule:
         return self.dim is None or shape[self.dim] % (tp * self.parts) == 0
 
     def split(self, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
-        """Rank r's shard, for every r (copies, except replicated tensors, which are shared)."""
+        """Rank r's shard, for every r: views where one block is cut (the writer copies their bytes
+        out as they are), copies where interleaved blocks must be joined; replicated tensors are shared."""
         if self.dim is None:
             return [tensor] * tp
+        if self.parts == 1:
+            return list(tensor.chunk(tp, self.dim))
         blocks = [b.chunk(tp, self.dim) for b in tensor.chunk(self.parts, self.dim)]
         return [torch.cat([b[r] for b in blocks], self.dim) for r in range(tp)]
 

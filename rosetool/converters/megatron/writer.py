@@ -1,8 +1,9 @@
 """Write a plan's global tensors as Megatron torch-format rank files.
 
-Each (TP rank, PP stage, EP rank) file is built by running only that stage's groups and keeping rank
-r's shard, so peak memory is one rank file plus one global tensor: the pickle format forces a whole
-rank file in memory, nothing more is held. The cost is reading each stage's source tensors TP times.
+Each source tensor is read and converted once per PP stage, and its TP shards are fanned out to every
+(TP rank, EP rank) file of that stage at once. Those files are streamed (`torch_zip`): the pickle is
+made from the plan before any tensor exists, and each shard's bytes go to disk as they are cut, so
+peak memory is one global tensor and its shards, whatever the model's size.
 Expert keys are planned with global expert numbers; EP rank k keeps experts k*E/EP .. (k+1)*E/EP - 1,
 renumbered from 0, and every EP rank holds the rest of its stage.
 """
@@ -25,26 +26,32 @@ from . import keys as K
 from .args import CHECKPOINT_VERSION, make_args
 from .layout import RANK_FILE, SINGLE, TRACKER, Layout
 from .tp import TPRule, parse_rule
+from .torch_zip import PlannedTensor, TorchZipWriter
 
 
 @dataclass
-class _RankSink:
-    """Keeps rank `rank`'s shard of each global tensor, under its stage-local key."""
+class _Rank:
+    """One rank file of the stage being written: its open stream, and global key -> the placeholder(s)
+    its shard fills (a tied embedding is also the last stage's head)."""
+    writer: TorchZipWriter
+    slots: dict[str, PlannedTensor]
+
+
+@dataclass
+class _FanOutSink:
+    """Cuts each global tensor into its TP shards once and hands each rank file the shard it holds."""
     rules: dict[str, TPRule]
-    rank: int
+    ranks: dict[tuple[int, int], _Rank]     # (EP rank, TP rank) -> file
     tp: int
-    local: Callable[[str], list[str]]
     on_tensor: Callable[[int], None] | None
-    state: dict[str, Any]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        shard = self.rules[key].split(tensor, self.tp)[self.rank]
-        if shard.untyped_storage().nbytes() != shard.nbytes:    # a view: torch.save would write its whole base
-            shard = shard.clone()
-        for name in self.local(key):
-            self.state[name] = shard
-        if self.on_tensor:    # in global bytes, so TP passes over a stage add up to one
-            self.on_tensor(tensor.numel() * tensor.element_size() // self.tp)
+        holders = [(tp, r) for (_, tp), r in self.ranks.items() if key in r.slots]
+        shards = self.rules[key].split(tensor, self.tp) if holders else []
+        for tp, rank in holders:
+            rank.writer.write(rank.slots[key], shards[tp])
+        if self.on_tensor:
+            self.on_tensor(tensor.numel() * tensor.element_size())
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,11 @@ def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtyp
     cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
     env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
     rules = {w.key: parse_rule(w.tp, env) for g in plan.groups for w in g.writes}
+    outputs = {k: (d, s) for k, d, s in plan.outputs}
     for key, rule in rules.items():
         rule.check(layout.tp, key)
-        shape = next(s for k, _, s in plan.outputs if k == key)
-        if not rule.fits(shape, layout.tp):
-            raise RosetoolError(f"{key}: shape {list(shape)} cannot be split over TP={layout.tp}")
+        if not rule.fits(outputs[key][1], layout.tp):
+            raise RosetoolError(f"{key}: shape {list(outputs[key][1])} cannot be split over TP={layout.tp}")
     stages = _Stages(layout.stage_layers(cfg["num_layers"]))
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     args = make_args(ckpt.spec, cfg, layout, env["padded_vocab_size"], env["make_vocab_size_divisible_by"],
@@ -86,19 +93,36 @@ def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtyp
         raise RosetoolError(f"EP={layout.ep} needs a mixture-of-experts model; {ckpt.spec.name} has no experts")
     per_rank = layout.experts_per_rank(num_experts) if num_experts else 0
     for stage in range(layout.pp):
-        for ep in range(layout.ep):
-            experts = range(ep * per_rank, (ep + 1) * per_rank)
-            groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg, experts)
-            stage_plan = replace(plan, groups=groups)
-            extra = _extra_state(fmt.write.get("extra_state", []), stages, stage, groups, local, num_experts)
-            for rank in range(layout.tp):
-                sink = _RankSink(rules, rank, layout.tp, local, on_tensor, dict(extra))
-                execute(stage_plan, ckpt, sink, dtype)
-                model = K.nest_legacy(sink.state) if plan.dst_format == "megatron_legacy" else sink.state
-                path = folder / folder_name / layout.rank_dir(rank, stage, ep) / RANK_FILE
-                path.parent.mkdir(parents=True)
-                torch.save({**header, "model": model}, path)
-                del sink, model     # before the next rank's shards arrive: one rank file in memory at a time
+        ranks: dict[tuple[int, int], _Rank] = {}
+        stage_groups: dict[int, Group] = {}
+        try:
+            for ep in range(layout.ep):
+                experts = range(ep * per_rank, (ep + 1) * per_rank)
+                groups, local = _stage_groups(plan, stages, stage, fmt.write.get("tied_head"), cfg, experts)
+                stage_groups.update((id(g), g) for g in groups)
+                extra = _extra_state(fmt.write.get("extra_state", []), stages, stage, groups, local, num_experts)
+                for tp in range(layout.tp):
+                    slots, model = {}, dict(extra)
+                    for g in groups:
+                        for w in g.writes:
+                            names = local(w.key)
+                            if names:
+                                slots[w.key] = PlannedTensor(outputs[w.key][0],
+                                                             rules[w.key].shard_shape(outputs[w.key][1], layout.tp))
+                                model.update((name, slots[w.key]) for name in names)
+                    if plan.dst_format == "megatron_legacy":
+                        model = K.nest_legacy(model)
+                    path = folder / folder_name / layout.rank_dir(tp, stage, ep) / RANK_FILE
+                    path.parent.mkdir(parents=True)
+                    ranks[(ep, tp)] = _Rank(TorchZipWriter(path, {**header, "model": model}), slots)
+            groups = [g for g in plan.groups if id(g) in stage_groups]    # plan order
+            execute(replace(plan, groups=groups), ckpt, _FanOutSink(rules, ranks, layout.tp, on_tensor), dtype)
+            for rank in ranks.values():
+                rank.writer.close()
+        except BaseException:
+            for rank in ranks.values():
+                rank.writer.abort()
+            raise
 
 
 def _stage_groups(plan: Plan, stages: _Stages, stage: int, tied_head: str | None,
