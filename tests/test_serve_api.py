@@ -11,6 +11,7 @@ import http.client
 import json
 import re
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -196,3 +197,53 @@ def test_prefix_cache_hits_show_in_metrics(server, client):
     hits = after["rosetool_prefix_cache_hit_tokens_total"] - before["rosetool_prefix_cache_hit_tokens_total"]
     assert hits >= 48   # the second request reuses the full 16-token blocks of the shared preamble
     assert 0 < after["rosetool_prefix_cache_hit_rate"] <= 1
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.fixture(scope="module")
+def even_vocab_llama(default_path, tmp_path_factory):
+    """A tiny GQA Llama with the default model's tokenizer and one spare embedding row: TP ranks split
+    the vocabulary, and GPT-2's 50257 does not split in two."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50258,
+                                         max_position_embeddings=128, eos_token_id=50256, bos_token_id=50256))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)
+    path = tmp_path_factory.mktemp("tp-serve")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_path).save_pretrained(path)
+    return path
+
+
+def test_serve_with_tensor_parallel_ranks(even_vocab_llama):
+    """`serve --tp 2`: the HTTP process is rank 0 of two; greedy text equals transformers', and the other
+    rank exits with the server."""
+    expected = hf_greedy(even_vocab_llama, PROMPT, 12)
+    served = ["--served-model-name", NAME, "--dtype", "float32", "--device", "cpu", "--tp", "2"]
+    with ServerProcess([str(even_vocab_llama), *served]) as proc:
+        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert got.choices[0].text == expected
+        ranks = _children(proc.proc.pid)
+        assert ranks, "no tensor-parallel rank process under the server"
+        assert proc.stop() == 0
+    deadline = time.monotonic() + 30
+    while [pid for pid in ranks if Path(f"/proc/{pid}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in ranks if Path(f"/proc/{pid}/stat").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"rank processes {alive} outlived the server"

@@ -29,6 +29,8 @@ def serve(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Longest prompt + output."),
     prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel ranks: the model is sharded over this many "
+                           "processes (this one is rank 0 and serves HTTP)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics).
@@ -51,7 +53,8 @@ def serve(
     template = find_chat_template(resolve_source(model), chat_template)
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
-              max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager)
+              max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager,
+              tensor_parallel_size=tp)
     state = ServeState(llm, served_model_name or name, template)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
@@ -63,4 +66,7 @@ def serve(
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
     # uvicorn re-raises SIGTERM once it has drained; by then the exit is clean, so say so (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    DrainingServer(config).run()
+    try:
+        DrainingServer(config).run()
+    finally:
+        llm.close()    # tensor-parallel ranks exit with the server
