@@ -14,7 +14,7 @@ import torch
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from .config_map import transformers_major, unknown_fields, write_config
 from .execute import execute
-from .finite import check_finite
+from .finite import scan_alongside
 from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
 from .outdir import atomic_output
 from .plan import Plan, make_plan
@@ -93,10 +93,10 @@ def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str |
     torch_dtype = parse_dtype(dtype)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     plan = make_plan(ckpt, to, torch_dtype, params)
-    check_finite(ckpt, dict.fromkeys(plan.source_keys.values()), strict)
     if on_plan:
         on_plan(plan)
-    with atomic_output(Path(dst), force, ckpt.path) as tmp:
+    with atomic_output(Path(dst), force, ckpt.path) as tmp, \
+            scan_alongside(ckpt, dict.fromkeys(plan.source_keys.values()), strict):
         writer = writer or WRITERS.get(to, write_folder)
         writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
         for f in ckpt.extra_files:   # tokenizer, chat template, generation config: every format carries them
