@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rosetool.runtime.attention import AttentionContext, paged_attention, store_kv
+from rosetool.runtime.attention import AttentionContext, gather_kv, paged_attention, store_kv
 
 
 def build_paged(seq_lens, query_lens, num_blocks, block_size, kv_heads, head_dim, seed=0):
@@ -91,3 +91,16 @@ def test_store_kv_skips_padding_slots():
     store_kv(k, 2 * k, k_cache, v_cache, torch.tensor([3, -1, 0]))
     assert k_cache.flatten(0, 1)[:, 0, 0].tolist() == [1, 0, 0, 1]
     assert v_cache.flatten(0, 1)[:, 0, 0].tolist() == [2, 0, 0, 2]
+
+
+@pytest.mark.parametrize("first,end", [(0, 1), (0, 23), (5, 23), (8, 16), (13, 14), (7, 40)])
+def test_gather_kv_by_blocks_equals_slot_by_slot(first, end):
+    """Whole-block copies sliced to [first, end) read the same slots as indexing each position's slot."""
+    block_size, kv_heads, head_dim = 8, 3, 5
+    g = torch.Generator().manual_seed(first * 100 + end)
+    k_cache, v_cache = (torch.randn(11, block_size, kv_heads, head_dim, generator=g) for _ in range(2))
+    tables = torch.stack([torch.randperm(11, generator=g)[:5] for _ in range(3)])
+    pos = torch.arange(first, end)
+    slots = tables[:, pos // block_size] * block_size + pos % block_size
+    keys, values = gather_kv(k_cache, v_cache, tables, first, end)
+    assert torch.equal(keys, k_cache.flatten(0, 1)[slots]) and torch.equal(values, v_cache.flatten(0, 1)[slots])

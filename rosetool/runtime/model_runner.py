@@ -14,6 +14,7 @@ from torch import Tensor
 
 from rosetool.runtime.attention import AttentionContext, PagedAttention
 from rosetool.runtime.config import EngineConfig
+from rosetool.runtime.cpu_layout import make_weights_column_major
 from rosetool.runtime.host import available_memory, cpu_threads, lazily_zeroed
 from rosetool.runtime.scheduler import ScheduledBatch
 from rosetool.runtime.sampler import sample
@@ -32,6 +33,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())   # see runtime/host.py: the default oversubscribes
+            make_weights_column_major(model)        # see runtime/cpu_layout.py: faster decode matmuls
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
         shape = (self.args.num_layers, self.num_kv_blocks, self.block_size,
                  self.args.num_kv_heads, self.args.head_dim)
