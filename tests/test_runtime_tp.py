@@ -112,14 +112,24 @@ def test_models_the_specs_cannot_cut_fail_before_any_process_starts(cli, tmp_pat
     from test_families import CASES, build
 
     mixtral = build_moe_hf("mixtral", tmp_path / "mixtral")
-    neox = build(*CASES["neox-parallel"][:2], tmp_path / "neox")
-    for path, message in ((mixtral, "does not split mixture-of-experts"), (neox, "declares no tp rules")):
-        with pytest.raises(RosetoolError, match=message):
-            LLM(path, device="cpu", tensor_parallel_size=2)
-        assert not tp_workers()
-        res = cli("generate", path, "1 2 3", "--tp", "2", "--device", "cpu")
-        assert res.code == 2 and message in res.err and "Traceback" not in res.err
-        assert len(res.err.strip().splitlines()) == 1
+    message = "does not split mixture-of-experts"
+    with pytest.raises(RosetoolError, match=message):
+        LLM(mixtral, device="cpu", tensor_parallel_size=2)
+    assert not tp_workers()
+    res = cli("generate", mixtral, "1 2 3", "--tp", "2", "--device", "cpu")
+    assert res.code == 2 and message in res.err and "Traceback" not in res.err
+    assert len(res.err.strip().splitlines()) == 1
+    # every shipped dense spec has native tp rules; a spec added without them is refused by name
+    from dataclasses import replace
+
+    from rosetool.converters.sources import open_checkpoint
+    from rosetool.runtime.tp_shard import check_shardable
+    ckpt = open_checkpoint(build(*CASES["neox-parallel"][:2], tmp_path / "neox"))
+    native = ckpt.spec.format("native")
+    bare = replace(native, entries=[replace(e, tp=None) for e in native.entries])
+    ckpt.spec = replace(ckpt.spec, formats={**ckpt.spec.formats, "native": bare})
+    with pytest.raises(RosetoolError, match="gpt_neox declares no tp rules for its native tensors"):
+        check_shardable(ckpt, 2)
 
 
 def test_bench_rosetool_backend_with_tp(gpt2):
