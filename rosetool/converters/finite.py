@@ -22,7 +22,7 @@ from ..errors import CheckpointError, RosetoolWarning
 from .safetensors_io import TensorInfo
 from .sources import Checkpoint
 
-_CHUNK = 16 << 20
+_CHUNK = 4 << 20     # two buffers of this (file bytes, masked bits), reused for every tensor
 
 
 # float8 dtypes have no min/max kernels: their raw bits are checked instead. (integer view, magnitude
