@@ -7,13 +7,14 @@ import textwrap
 
 import torch
 
+from rosetool.converters.finite import _CHUNK
 from rosetool.converters.synthetic import write_synthetic_hf
 
 MB = 1 << 20
 
 
 def test_fused_experts_do_not_materialise(tmp_path):
-    hidden, ffn, experts = 512, 1024, 32
+    hidden, ffn, experts = 512, 1024, 64
     config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": 1,
               "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": 4, "num_key_value_heads": 2,
               "num_local_experts": experts, "num_experts_per_tok": 2, "vocab_size": 256,
@@ -33,8 +34,10 @@ def test_fused_experts_do_not_materialise(tmp_path):
     before, peak = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                                            text=True).stdout.split())
     growth = peak - before
-    assert total > 190 * MB and fused_up == 64 * MB
-    assert growth < 4 * largest_source + 32 * MB < fused_up, \
+    assert total > 380 * MB and fused_up == 128 * MB
+    # what the conversion holds (sources and their converted rows), the NaN/Inf scan's two buffers, and
+    # allocator slack (runs of this same conversion vary by +-10 MB) stay well below one fused tensor
+    assert growth < 4 * largest_source + 2 * _CHUNK + 32 * MB < fused_up, \
         f"conversion grew RSS by {growth / MB:.0f} MB; one fused expert tensor is {fused_up / MB:.0f} MB"
     from safetensors import safe_open
     with safe_open(tmp_path / "dst" / "model.safetensors", "pt") as f, \

@@ -89,9 +89,15 @@ def _is_raw(meta: object) -> bool:
     return getattr(meta, "start", None) is not None
 
 
-def _scan(ckpt: Checkpoint, keys: Iterable[str], stop: threading.Event | None = None) -> list[str]:
+def _buffers() -> tuple[np.ndarray, np.ndarray]:
+    """File bytes and masked bits, reused for every tensor (not zero-filled: each chunk is read in first)."""
+    return np.empty(_CHUNK, np.uint8), np.empty(_CHUNK, np.uint8)
+
+
+def _scan(ckpt: Checkpoint, keys: Iterable[str], stop: threading.Event | None = None,
+          buffers: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
     """One message per tensor holding NaN/Inf; `stop` ends the scan early (the conversion failed)."""
-    buf, scratch = np.empty(_CHUNK, np.uint8), np.empty(_CHUNK, np.uint8)   # every chunk is read in first
+    buf, scratch = buffers or _buffers()
     found = []
     for key in keys:
         if stop is not None and stop.is_set():
@@ -125,11 +131,11 @@ def scan_alongside(ckpt: Checkpoint, keys: Iterable[str], strict: bool = False) 
     keys = list(keys)
     check_finite(ckpt, [k for k in keys if not _is_raw(ckpt.tensors[k])], strict)
     raw = [k for k in keys if _is_raw(ckpt.tensors[k])]
-    stop, outcome = threading.Event(), []
+    stop, outcome, buffers = threading.Event(), [], _buffers()   # allocated here: the thread allocates nothing
 
     def run() -> None:
         try:
-            outcome.append(_scan(ckpt, raw, stop))
+            outcome.append(_scan(ckpt, raw, stop, buffers))
         except BaseException as exc:    # handed to the caller's thread, which reports it
             outcome.append(exc)
 
