@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .converters.megatron import is_megatron
 from .converters.sources import detect_format, open_checkpoint, resolve_source
 from .errors import RosetoolError
 
@@ -40,6 +41,7 @@ class VerifyResult:
     tolerance: float
     greedy_agreement: float
     passed: bool
+    vocab: int = 0      # logits compared per token: a Megatron side's padded rows are left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,12 +92,15 @@ def verify(a: str, b: str, dtype: torch.dtype | None = None, device: str = "cpu"
     dtype_b = dtype or stored_dtype(path_b)
     fa, va, pa, ra = load_forward(str(path_a), dtype_a, device)
     fb, vb, pb, rb = load_forward(str(path_b), dtype_b, device)
-    if va != vb:
+    vocab = min(va, vb)
+    if va != vb and not is_megatron(path_a if va > vb else path_b):
         raise RosetoolError(f"vocabulary sizes differ: {a} has {va}, {b} has {vb}")
+    # else the larger is a Megatron checkpoint whose vocabulary is padded (to a multiple of 128 x TP) and that
+    # records no HF size: its extra rows are padding, never a real token's logit
     seq_len = min(seq_len, pa, pb)
-    tokens = torch.randint(0, va, (batch, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
-        la, lb = fa(tokens).float(), fb(tokens).float()
+        la, lb = fa(tokens)[..., :vocab].float(), fb(tokens)[..., :vocab].float()
     diff = (la - lb).abs()
     scale = la.abs().max().item()
     low = lower_precision(dtype_a, dtype_b)
@@ -104,4 +109,4 @@ def verify(a: str, b: str, dtype: torch.dtype | None = None, device: str = "cpu"
     agree = (la.argmax(-1) == lb.argmax(-1)).float().mean().item()
     names = [str(d).removeprefix("torch.") for d in (low, dtype_a, dtype_b)]
     return VerifyResult(str(a), str(b), ra, rb, *names, [batch, seq_len],
-                        diff.max().item(), diff.mean().item(), scale, tol, agree, diff.max().item() <= tol)
+                        diff.max().item(), diff.mean().item(), scale, tol, agree, diff.max().item() <= tol, vocab)

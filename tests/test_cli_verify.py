@@ -65,3 +65,21 @@ def test_both_paths_are_checked_before_loading(cli, fp32_and_bf16, tmp_path: Pat
     monkeypatch.setattr(verify_mod, "load_forward", no_load)
     result = cli("verify", fp32_and_bf16[0], tmp_path / "missing")
     assert result.code == 2 and "missing" in result.err and "Traceback" not in result.err
+
+
+def test_vocabularies_differ_only_by_megatron_padding(cli, fp32_and_bf16, tmp_path) -> None:
+    """A Megatron checkpoint that records no HF vocabulary size (as Megatron-LM writes them) keeps its padded
+    rows; verify compares the real ones. Two HF folders of different vocabularies are refused."""
+    hf, _ = fp32_and_bf16
+    assert cli("convert", "hf-to-megatron", hf, tmp_path / "mg").code == 0
+    rank = tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    blob = torch.load(rank, weights_only=False)
+    del vars(blob["args"])["rosetool_config"]
+    torch.save(blob, rank)
+    result = cli("verify", tmp_path / "mg", hf, "--json")
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)
+    assert doc["passed"] and doc["vocab"] == 96 and doc["max_abs_diff"] <= 1e-4
+    other = build_hf("llama", tmp_path / "other", vocab_size=128)
+    result = cli("verify", other, hf)
+    assert result.code == 2 and f"vocabulary sizes differ: {other} has 128, {hf} has 96" in result.err

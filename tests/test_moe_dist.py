@@ -55,6 +55,7 @@ def test_megatron_core_torch_dist_save_converts_to_hf(mcore, tmp_path: Path, kin
     assert fc1 == (["decoder.layers.mlp.experts.experts.linear_fc1.weight"] if kind == "mixtral" else fc1) and fc1
     ok("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "hf", "--vocab-size", VOCAB)
     torch.testing.assert_close(hf_logits(tmp_path / "hf"), ref.logits(model, IDS)[..., :VOCAB], atol=1e-4, rtol=0)
+    ok("verify", tmp_path / "mg", tmp_path / "hf")    # the runtime on megatron-core's files vs transformers
 
 
 def test_megatron_core_ep2_torch_dist_save_gathers_every_expert(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def verify(a: str = typer.Argument(..., help="First checkpoint (HF runs through 
         table = Table(title="logit parity", show_header=False)
         for k, v in [("A", f"{result.a} ({result.runner_a}, {result.dtype_a})"),
                      ("B", f"{result.b} ({result.runner_b}, {result.dtype_b})"),
-                     ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens"),
+                     ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens, {result.vocab} logits each"),
                      ("max |diff|", f"{result.max_abs_diff:.3e}"), ("mean |diff|", f"{result.mean_abs_diff:.3e}"),
                      ("tolerance", f"{result.tolerance:.3e} ({how})"),
                      ("greedy agreement", f"{result.greedy_agreement:.1%}"),
