@@ -1,0 +1,125 @@
+"""megatron-core 0.16.1's MLA + MoE (local spec, CPU) against transformers' DeepseekV3: the layout rosetool's
+Megatron DeepSeek format must write, pinned before the converter exists. The key map below is the oracle the
+converter is later held to; a wrong split of kv_up (k_nope | v), of kv_down (latent | rope) or a misread
+router would move the logits."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import megatron_ref as ref
+
+VOCAB, IDS = 96, torch.tensor([[3, 17, 90, 5, 41, 41, 8, 77, 2]])
+
+
+@pytest.fixture
+def mcore():
+    with ref.single_process():
+        yield
+
+
+def hf_config(q_lora: bool):
+    from transformers import DeepseekV3Config
+    return DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=44, moe_intermediate_size=14, num_hidden_layers=3,
+        num_attention_heads=3, num_key_value_heads=3, n_shared_experts=1, n_routed_experts=8, n_group=4,
+        topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        kv_lora_rank=18, q_lora_rank=22 if q_lora else None, qk_rope_head_dim=6, qk_nope_head_dim=10,
+        v_head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
+        rope_interleave=True, attention_bias=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 0.8, "mscale_all_dim": 0.8})
+
+
+def megatron_args(cfg) -> argparse.Namespace:
+    """Megatron-LM's args for `cfg`; V3's top-2 group score is mcore's top-(topk // group_topk)."""
+    rope = cfg.rope_parameters
+    assert cfg.num_experts_per_tok // cfg.topk_group == 2
+    return argparse.Namespace(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_attention_heads, kv_channels=None,
+        max_position_embeddings=cfg.max_position_embeddings, padded_vocab_size=VOCAB, tensor_model_parallel_size=1,
+        normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True, openai_gelu=False,
+        position_embedding_type="rope", rotary_base=rope["rope_theta"], untie_embeddings_and_output_weights=True,
+        add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True, params_dtype=torch.float32,
+        multi_latent_attention=True, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        rope_type="yarn", rotary_scaling_factor=rope["factor"], mscale=rope["mscale"],
+        mscale_all_dim=rope["mscale_all_dim"], original_max_position_embeddings=rope["original_max_position_embeddings"],
+        beta_fast=rope["beta_fast"], beta_slow=rope["beta_slow"],
+        num_experts=cfg.n_routed_experts, moe_router_topk=cfg.num_experts_per_tok,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts,
+        moe_layer_freq=[0] * cfg.first_k_dense_replace + [1] * (cfg.num_hidden_layers - cfg.first_k_dense_replace),
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_num_groups=cfg.n_group, moe_router_group_topk=cfg.topk_group,
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_pre_softmax=False)
+
+
+def mcore_key_map(cfg) -> dict[str, str]:
+    """megatron-core name -> HF name; gate_proj/up_proj stack into one linear_fc1 (gate first)."""
+    m = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+         "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
+    attn = {"linear_kv_down_proj": "kv_a_proj_with_mqa", "kv_layernorm": "kv_a_layernorm",
+            "linear_kv_up_proj": "kv_b_proj", "linear_proj": "o_proj"}
+    attn |= ({"linear_q_down_proj": "q_a_proj", "q_layernorm": "q_a_layernorm", "linear_q_up_proj": "q_b_proj"}
+             if cfg.q_lora_rank else {"linear_q_proj": "q_proj"})
+    for i in range(cfg.num_hidden_layers):
+        mg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        m[mg + "input_layernorm.weight"] = hf + "input_layernorm.weight"
+        m[mg + "pre_mlp_layernorm.weight"] = hf + "post_attention_layernorm.weight"
+        m |= {f"{mg}self_attention.{a}.weight": f"{hf}self_attn.{b}.weight" for a, b in attn.items()}
+        mlps = {"mlp.": "mlp."}
+        if i >= cfg.first_k_dense_replace:
+            m[mg + "mlp.router.weight"] = hf + "mlp.gate.weight"
+            m[mg + "mlp.router.expert_bias"] = hf + "mlp.gate.e_score_correction_bias"
+            mlps = {"mlp.shared_experts.": "mlp.shared_experts."}
+        for a, b in mlps.items():
+            m[mg + a + "linear_fc1.weight"] = (hf + b + "gate_proj.weight", hf + b + "up_proj.weight")
+            m[mg + a + "linear_fc2.weight"] = hf + b + "down_proj.weight"
+    return m
+
+
+def hf_model(cfg):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else 0.2 * torch.randn(p.shape))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape))
+    return model
+
+
+def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+    """HF state -> megatron-core state by the key map; routed experts (HF packs them in 3-D tensors in
+    transformers 5) go one per local_experts.{e}."""
+    src = hf.state_dict()
+    out = {}
+    for mg, name in mcore_key_map(cfg).items():
+        out[mg] = torch.cat([src[n] for n in name]) if isinstance(name, tuple) else src[name]
+    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        gate_up, down = src[f"model.layers.{i}.mlp.experts.gate_up_proj"], src[f"model.layers.{i}.mlp.experts.down_proj"]
+        for e in range(cfg.n_routed_experts):
+            out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
+            out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
+    return out
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_megatron_core_mla_moe_matches_transformers_deepseek_v3(mcore, q_lora: bool) -> None:
+    cfg = hf_config(q_lora)
+    hf = hf_model(cfg)
+    model = ref.build_model(megatron_args(cfg))
+    state = to_mcore(hf, cfg)
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}, **state},
+                          strict=True)
+    with torch.no_grad():
+        expected = hf(IDS).logits
+    torch.testing.assert_close(ref.logits(model, IDS), expected, atol=1e-4, rtol=0)
