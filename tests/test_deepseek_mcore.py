@@ -21,24 +21,35 @@ def mcore():
         yield
 
 
-def hf_config(q_lora: bool):
-    from transformers import DeepseekV3Config
-    return DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=40, intermediate_size=44, moe_intermediate_size=14, num_hidden_layers=3,
-        num_attention_heads=3, num_key_value_heads=3, n_shared_experts=1, n_routed_experts=8, n_group=4,
-        topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, first_k_dense_replace=1,
-        kv_lora_rank=18, q_lora_rank=22 if q_lora else None, qk_rope_head_dim=6, qk_nope_head_dim=10,
-        v_head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
-        rope_interleave=True, attention_bias=False,
+def hf_config(version: int, q_lora: bool):
+    """V3: sigmoid routing with a correction bias over 4 groups, top-2 groups; V2-Lite-like: softmax over all
+    experts, greedy top-k, raw (unnormalised) weights; both YaRN with mscale, q LoRA either way."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+    common = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=44, moe_intermediate_size=14, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=version - 1, n_routed_experts=8,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=18, q_lora_rank=22 if q_lora else None,
+        qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=64,
+        tie_word_embeddings=False, attention_bias=False,
         rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
                          "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "mscale": 0.8, "mscale_all_dim": 0.8})
+                         "mscale": 0.8, "mscale_all_dim": 0.7})
+    if version == 2:
+        return DeepseekV2Config(**common, topk_method="greedy", num_experts_per_tok=3, norm_topk_prob=False)
+    return DeepseekV3Config(**common, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=True)
 
 
 def megatron_args(cfg) -> argparse.Namespace:
-    """Megatron-LM's args for `cfg`; V3's top-2 group score is mcore's top-(topk // group_topk)."""
+    """Megatron-LM's args for `cfg`. V3's top-2 group score is mcore's top-(topk // group_topk); V2's raw
+    softmax weights are mcore's pre-softmax routing."""
     rope = cfg.rope_parameters
-    assert cfg.num_experts_per_tok // cfg.topk_group == 2
+    if cfg.model_type == "deepseek_v3":
+        assert cfg.num_experts_per_tok // cfg.topk_group == 2
+        router = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                      moe_router_num_groups=cfg.n_group, moe_router_group_topk=cfg.topk_group,
+                      moe_router_pre_softmax=False)
+    else:
+        router = dict(moe_router_score_function="softmax", moe_router_pre_softmax=True)
     return argparse.Namespace(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_attention_heads, kv_channels=None,
@@ -55,9 +66,7 @@ def megatron_args(cfg) -> argparse.Namespace:
         moe_ffn_hidden_size=cfg.moe_intermediate_size,
         moe_shared_expert_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts,
         moe_layer_freq=[0] * cfg.first_k_dense_replace + [1] * (cfg.num_hidden_layers - cfg.first_k_dense_replace),
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_num_groups=cfg.n_group, moe_router_group_topk=cfg.topk_group,
-        moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_pre_softmax=False)
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor, **router)
 
 
 def mcore_key_map(cfg) -> dict[str, str]:
@@ -76,7 +85,8 @@ def mcore_key_map(cfg) -> dict[str, str]:
         mlps = {"mlp.": "mlp."}
         if i >= cfg.first_k_dense_replace:
             m[mg + "mlp.router.weight"] = hf + "mlp.gate.weight"
-            m[mg + "mlp.router.expert_bias"] = hf + "mlp.gate.e_score_correction_bias"
+            if cfg.model_type == "deepseek_v3":
+                m[mg + "mlp.router.expert_bias"] = hf + "mlp.gate.e_score_correction_bias"
             mlps = {"mlp.shared_experts.": "mlp.shared_experts."}
         for a, b in mlps.items():
             m[mg + a + "linear_fc1.weight"] = (hf + b + "gate_proj.weight", hf + b + "up_proj.weight")
@@ -112,9 +122,10 @@ def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("q_lora", [True, False])
-def test_megatron_core_mla_moe_matches_transformers_deepseek_v3(mcore, q_lora: bool) -> None:
-    cfg = hf_config(q_lora)
+def test_megatron_core_mla_moe_matches_transformers_deepseek(mcore, version: int, q_lora: bool) -> None:
+    cfg = hf_config(version, q_lora)
     hf = hf_model(cfg)
     model = ref.build_model(megatron_args(cfg))
     state = to_mcore(hf, cfg)
