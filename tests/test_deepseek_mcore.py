@@ -21,9 +21,10 @@ def mcore():
         yield
 
 
-def hf_config(version: int, q_lora: bool):
+def hf_config(version: int, q_lora: bool, grouped: bool = False):
     """V3: sigmoid routing with a correction bias over 4 groups, top-2 groups; V2-Lite-like: softmax over all
-    experts, greedy top-k, raw (unnormalised) weights; both YaRN with mscale, q LoRA either way."""
+    experts, raw (unnormalised) weights, greedy top-k or (`grouped`, V2's group_limited_greedy) top-3 groups by
+    their best expert; both YaRN with mscale, q LoRA either way."""
     from transformers import DeepseekV2Config, DeepseekV3Config
     common = dict(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=44, moe_intermediate_size=14, num_hidden_layers=3,
@@ -35,13 +36,15 @@ def hf_config(version: int, q_lora: bool):
                          "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                          "mscale": 0.8, "mscale_all_dim": 0.7})
     if version == 2:
-        return DeepseekV2Config(**common, topk_method="greedy", num_experts_per_tok=3, norm_topk_prob=False)
+        groups = dict(topk_method="group_limited_greedy", n_group=4, topk_group=3) if grouped else {}
+        return DeepseekV2Config(**common, num_experts_per_tok=3, **(groups or dict(topk_method="greedy")))
     return DeepseekV3Config(**common, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=True)
 
 
 def megatron_args(cfg) -> argparse.Namespace:
-    """Megatron-LM's args for `cfg`. V3's top-2 group score is mcore's top-(topk // group_topk); V2's raw
-    softmax weights are mcore's pre-softmax routing."""
+    """Megatron-LM's args for `cfg`. mcore scores a group by its top-(topk // group_topk) experts: V3's top-2
+    sum and V2's max are the cases where that quotient is 2 and 1. V2's raw softmax weights are mcore's
+    pre-softmax routing."""
     rope = cfg.rope_parameters
     if cfg.model_type == "deepseek_v3":
         assert cfg.num_experts_per_tok // cfg.topk_group == 2
@@ -50,6 +53,9 @@ def megatron_args(cfg) -> argparse.Namespace:
                       moe_router_pre_softmax=False)
     else:
         router = dict(moe_router_score_function="softmax", moe_router_pre_softmax=True)
+        if cfg.topk_method == "group_limited_greedy":
+            assert cfg.num_experts_per_tok // cfg.topk_group == 1
+            router |= dict(moe_router_num_groups=cfg.n_group, moe_router_group_topk=cfg.topk_group)
     return argparse.Namespace(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_attention_heads, kv_channels=None,
@@ -126,6 +132,14 @@ def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("q_lora", [True, False])
 def test_megatron_core_mla_moe_matches_transformers_deepseek(mcore, version: int, q_lora: bool) -> None:
     cfg = hf_config(version, q_lora)
+    check_against_transformers(cfg)
+
+
+def test_megatron_core_group_limited_greedy_matches_transformers_deepseek_v2(mcore) -> None:
+    check_against_transformers(hf_config(2, q_lora=False, grouped=True))
+
+
+def check_against_transformers(cfg) -> None:
     hf = hf_model(cfg)
     model = ref.build_model(megatron_args(cfg))
     state = to_mcore(hf, cfg)
