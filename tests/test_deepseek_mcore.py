@@ -23,8 +23,8 @@ def mcore():
 
 def hf_config(version: int, q_lora: bool, grouped: bool = False):
     """V3: sigmoid routing with a correction bias over 4 groups, top-2 groups; V2-Lite-like: softmax over all
-    experts, raw (unnormalised) weights, greedy top-k or (`grouped`, V2's group_limited_greedy) top-3 groups by
-    their best expert; both YaRN with mscale, q LoRA either way."""
+    experts, raw (unnormalised) weights, greedy top-k or (`grouped`, V2's group_limited_greedy) top-2 of 4
+    groups by their best expert; both YaRN with mscale, q LoRA either way."""
     from transformers import DeepseekV2Config, DeepseekV3Config
     common = dict(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=44, moe_intermediate_size=14, num_hidden_layers=3,
@@ -36,7 +36,7 @@ def hf_config(version: int, q_lora: bool, grouped: bool = False):
                          "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                          "mscale": 0.8, "mscale_all_dim": 0.7})
     if version == 2:
-        groups = dict(topk_method="group_limited_greedy", n_group=4, topk_group=3) if grouped else {}
+        groups = dict(topk_method="group_limited_greedy", n_group=4, topk_group=2) if grouped else {}
         return DeepseekV2Config(**common, num_experts_per_tok=3, **(groups or dict(topk_method="greedy")))
     return DeepseekV3Config(**common, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=True)
 
@@ -121,7 +121,8 @@ def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     for mg, name in mcore_key_map(cfg).items():
         out[mg] = torch.cat([src[n] for n in name]) if isinstance(name, tuple) else src[name]
     for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-        gate_up, down = src[f"model.layers.{i}.mlp.experts.gate_up_proj"], src[f"model.layers.{i}.mlp.experts.down_proj"]
+        experts = f"model.layers.{i}.mlp.experts."
+        gate_up, down = src[experts + "gate_up_proj"], src[experts + "down_proj"]
         for e in range(cfg.n_routed_experts):
             out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
             out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
