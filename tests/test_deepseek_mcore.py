@@ -21,7 +21,7 @@ def mcore():
         yield
 
 
-def hf_config(version: int, q_lora: bool, grouped: bool = False):
+def hf_config(version: int, q_lora: bool, grouped: bool = False, rope_interleave: bool = True):
     """V3: sigmoid routing with a correction bias over 4 groups, top-2 groups; V2-Lite-like: softmax over all
     experts, raw (unnormalised) weights, greedy top-k or (`grouped`, V2's group_limited_greedy) top-2 of 4
     groups by their best expert; both YaRN with mscale, q LoRA either way."""
@@ -38,7 +38,8 @@ def hf_config(version: int, q_lora: bool, grouped: bool = False):
     if version == 2:
         groups = dict(topk_method="group_limited_greedy", n_group=4, topk_group=2) if grouped else {}
         return DeepseekV2Config(**common, num_experts_per_tok=3, **(groups or dict(topk_method="greedy")))
-    return DeepseekV3Config(**common, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=True)
+    return DeepseekV3Config(**common, n_group=4, topk_group=2, num_experts_per_tok=4,
+                            rope_interleave=rope_interleave)
 
 
 def megatron_args(cfg) -> argparse.Namespace:
@@ -120,6 +121,8 @@ def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     out = {}
     for mg, name in mcore_key_map(cfg).items():
         out[mg] = torch.cat([src[n] for n in name]) if isinstance(name, tuple) else src[name]
+    if not getattr(cfg, "rope_interleave", True):
+        interleave_rope_rows(out, cfg)
     for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
         experts = f"model.layers.{i}.mlp.experts."
         gate_up, down = src[experts + "gate_up_proj"], src[experts + "down_proj"]
@@ -127,6 +130,24 @@ def to_mcore(hf: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
             out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
             out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
     return out
+
+
+def interleave_rope_rows(state: dict[str, torch.Tensor], cfg) -> None:
+    """mcore's MLA rope reads rope dims as interleaved pairs (x[0::2], x[1::2]); HF's rope_interleave=False
+    stores the halves, so row j goes to 2j and row j + dr/2 to 2j + 1 in q's and kv_down's rope rows."""
+    dr, heads = cfg.qk_rope_head_dim, cfg.num_attention_heads
+    order = torch.arange(dr).view(2, dr // 2).t().reshape(-1)
+    for name, tensor in state.items():
+        if name.endswith(("linear_q_up_proj.weight", "linear_q_proj.weight")):
+            per_head = tensor.view(heads, -1, tensor.shape[-1]).clone()
+            per_head[:, -dr:] = per_head[:, -dr:][:, order]
+            state[name] = per_head.view_as(tensor)
+        elif name.endswith("linear_kv_down_proj.weight"):
+            state[name] = torch.cat([tensor[:-dr], tensor[-dr:][order]])
+
+
+def test_megatron_core_matches_v3_without_rope_interleave_once_rope_rows_interleave(mcore) -> None:
+    check_against_transformers(hf_config(3, q_lora=True, rope_interleave=False))
 
 
 @pytest.mark.parametrize("version", [2, 3])
