@@ -28,6 +28,9 @@ def patch_for_cpu(setattr: Callable[[Any, str, Any], None] = setattr) -> None:
         moe_utils.te_general_gemm = None
     setattr(torch.cuda, "synchronize", lambda *a, **k: None)     # dist_checkpointing.save waits on CUDA
     setattr(random.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+    from megatron.core.transformer import multi_latent_attention
+    if not isinstance(multi_latent_attention.TELinear, type):   # without TE a mock, which MLA's isinstance rejects
+        setattr(multi_latent_attention, "TELinear", type("NoTELinear", (), {}))
 
 
 def free_port() -> int:
@@ -83,27 +86,56 @@ def _moe_config(args: Any) -> dict[str, Any]:
         moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
         moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
         moe_router_topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
+        moe_router_enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
+        moe_router_num_groups=getattr(args, "moe_router_num_groups", None),
+        moe_router_group_topk=getattr(args, "moe_router_group_topk", None),
         expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
         moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0)
+
+
+class MLACoreAttention:
+    """The local DotProductAttention for MLA: 0.16.1's MLASelfAttention passes `k_channels`/`v_channels`, which
+    only TE's attention accepts; the local one reads head sizes from the tensors, and its output width from
+    `kv_channels` (v_head_dim for MLA), so the two are dropped."""
+
+    def __new__(cls, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any):
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        return DotProductAttention(*args, **kwargs)
+
+
+def _mla_config(args: Any) -> dict[str, Any]:
+    """MLATransformerConfig's fields from Megatron-LM's args (none without --multi-latent-attention)."""
+    if not getattr(args, "multi_latent_attention", False):
+        return {}
+    return dict(
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
+        qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim, rope_type=args.rope_type,
+        rotary_scaling_factor=args.rotary_scaling_factor, mscale=args.mscale, mscale_all_dim=args.mscale_all_dim,
+        original_max_position_embeddings=args.original_max_position_embeddings, beta_fast=args.beta_fast,
+        beta_slow=args.beta_slow, rotary_base=args.rotary_base)
 
 
 def build_model(args: Any) -> torch.nn.Module:
     """A GPTModel shaped by a checkpoint's `args` (so the test also checks the args rosetool writes)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
     torch.manual_seed(1234)
-    cfg = TransformerConfig(
+    mla = _mla_config(args)
+    cfg = (MLATransformerConfig if mla else TransformerConfig)(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
+        num_query_groups=args.num_query_groups, kv_channels=args.v_head_dim if mla else args.kv_channels,
+        ffn_hidden_size=args.ffn_hidden_size,
         tensor_model_parallel_size=args.tensor_model_parallel_size, use_cpu_initialization=True,
         normalization=args.normalization, gated_linear_unit=args.swiglu, activation_func=_activation(args),
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, layernorm_epsilon=args.layernorm_epsilon,
         qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
-        **_moe_config(args))
-    if cfg.num_moe_experts:    # a block spec, since MoE and dense layers may alternate
+        **_moe_config(args), **mla)
+    if cfg.num_moe_experts or mla:    # a block spec, since MoE and dense layers may alternate
         spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=args.normalization)
+        for layer in spec.layer_specs if mla else ():
+            layer.submodules.self_attention.submodules.core_attention = MLACoreAttention
     else:
         spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     model = GPTModel(cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
