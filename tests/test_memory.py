@@ -54,13 +54,17 @@ def test_megatron_torch_writer_grows_by_tensors_not_by_model(big_gpt2, small_gpt
     """Rank files are streamed record by record (megatron/torch_zip.py), so the writer holds one global
     tensor and its TP shards, never a rank's worth of shards: doubling the model's layers leaves the
     growth where it was, and the process stays inside the issue's bound of 1 GiB + 2x the largest tensor."""
-    growth = {}
-    for name, (src, total) in {"small": small_gpt2, "big": big_gpt2}.items():
+    growth, totals = {}, {}
+    for name, (src, totals[name]) in {"small": small_gpt2, "big": big_gpt2}.items():
         growth[name], peak = rss_growth_and_peak(
             f"convert({str(src)!r}, {str(tmp_path / name)!r}, 'megatron', writer=make_writer(Layout({tp}, 1)))")
         assert peak < (1 << 30) + 2 * LARGEST, f"peak RSS {peak / MB:.0f} MB"
         ranks = sorted(p.parent.name for p in (tmp_path / name).rglob("model_optim_rng.pt"))
         assert ranks == [f"mp_rank_{r:02d}" for r in range(tp)]
-    assert growth["big"] < growth["small"] + 2 * LARGEST, \
-        f"RSS growth {growth['small'] / MB:.0f} MB -> {growth['big'] / MB:.0f} MB when the model doubled"
+    # a writer holding a rank's shards would grow by the extra model / TP (>= 190 MB here); allocator
+    # slack between two runs of one conversion has measured up to ~35 MB
+    extra = totals["big"] - totals["small"]
+    assert growth["big"] - growth["small"] < extra / 4, \
+        f"RSS growth {growth['small'] / MB:.0f} MB -> {growth['big'] / MB:.0f} MB " \
+        f"when the model grew {extra / MB:.0f} MB"
     assert growth["big"] < 8 * LARGEST + 64 * MB, f"grew RSS by {growth['big'] / MB:.0f} MB"
