@@ -13,10 +13,12 @@ from typing import Any
 
 from .errors import RosetoolError
 
-ROPE_TYPES = ("llama3", "linear")   # besides plain RoPE; anything else is refused by name
+ROPE_TYPES = ("llama3", "linear", "yarn")   # besides plain RoPE; anything else is refused by name
 NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")   # gemma_rmsnorm: x / rms(x) * (1 + weight)
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 POSITIONS = ("rope", "learned")
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")   # a group's score: its best expert (DeepSeek-V2) or its best two summed (V3)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,17 @@ FIELDS: dict[str, Field] = {
     "moe_intermediate_size": Field("int", low=1, optional=True), "shared_expert_intermediate_size": Field("int", low=0),
     "shared_expert_gate": _FLAG, "norm_topk_prob": _FLAG, "mlp_only_layers": Field("int_list", low=0),
     "qk_norm_full_width": _FLAG,
+    "kv_lora_rank": Field("int", low=1, optional=True), "q_lora_rank": Field("int", low=1, optional=True),
+    "qk_rope_head_dim": Field("int", low=0), "v_head_dim": Field("int", low=1, optional=True),
+    "router_scoring": Field("str", choices=ROUTER_SCORINGS), "router_bias": _FLAG, "router_fp32": _FLAG,
+    "expert_groups": _SIZE, "topk_groups": _SIZE, "group_score": Field("str", choices=GROUP_SCORES),
+    "routed_scaling_factor": Field("float", low=0.0),
 }
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched `factor` times (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass
@@ -140,6 +152,28 @@ class ModelArgs:
     norm_topk_prob: bool = False
     mlp_only_layers: list[int] = field(default_factory=list)
     qk_norm_full_width: bool = False   # with qk_norm: OLMoE's q/k RMSNorm over all heads at once, not per head
+    # DeepSeek-V2/V3 routing: scores (softmax or sigmoid, in fp32 from fp32 logits when router_fp32), a bias
+    # added for choosing experts only, experts chosen within the top `topk_groups` of `expert_groups`
+    # groups, chosen weights times routed_scaling_factor.
+    router_scoring: str = "softmax"
+    router_bias: bool = False
+    router_fp32: bool = False
+    expert_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+
+    # Multi-head latent attention (DeepSeek-V2/V3): K and V of every head come from one compressed latent
+    # of kv_lora_rank dims per token plus qk_rope_head_dim rotated dims shared by all heads; head_dim is a
+    # q/k head's width (unrotated + rotated dims, the rotated ones last), v_head_dim a value head's.
+    kv_lora_rank: int | None = None    # None: standard attention
+    q_lora_rank: int | None = None     # None: q projected directly from the hidden state
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer: Gemma 2 alternates windowed and full layers."""
@@ -149,7 +183,11 @@ class ModelArgs:
 
     @property
     def attn_scale(self) -> float:
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        scale = (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        if self.is_mla:   # DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2
+            s = self.rope_scaling or {}
+            scale *= yarn_mscale(s.get("factor", 1.0), s.get("mscale_all_dim") or 0) ** 2
+        return scale
 
     def __post_init__(self) -> None:
         check_fields({f.name: getattr(self, f.name) for f in fields(self)})
@@ -172,6 +210,10 @@ class ModelArgs:
             raise RosetoolError("qk_norm_full_width says how wide the q/k norm is; it needs qk_norm")
         if self.num_experts:
             self._check_moe()
+        if self.is_mla:
+            self._check_mla()
+        if kind == "yarn" and not {"factor", "original_max_position_embeddings"} <= set(self.rope_scaling):
+            raise RosetoolError("rope_scaling yarn needs factor and original_max_position_embeddings")
 
     def _check_moe(self) -> None:
         if self.moe_intermediate_size is None:
@@ -187,6 +229,27 @@ class ModelArgs:
         outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if outside:
             raise RosetoolError(f"mlp_only_layers {outside} are not layers of a {self.num_layers}-layer model")
+
+        per_group, groups = divmod(self.num_experts, self.expert_groups)
+        if groups or not 1 <= self.topk_groups <= self.expert_groups:
+            raise RosetoolError(f"{self.num_experts} experts in expert_groups={self.expert_groups} groups, "
+                                f"topk_groups={self.topk_groups}: the groups must divide the experts and "
+                                f"topk_groups be in 1..expert_groups")
+        if self.num_experts_per_tok > self.topk_groups * per_group:
+            raise RosetoolError(f"num_experts_per_tok={self.num_experts_per_tok} is more than the "
+                                f"{self.topk_groups} chosen groups of {per_group} experts hold")
+        if self.group_score == "top2_sum" and per_group < 2 and self.expert_groups > 1:
+            raise RosetoolError("group_score top2_sum needs at least 2 experts per group")
+
+    def _check_mla(self) -> None:
+        if self.num_kv_heads != self.num_heads:
+            raise RosetoolError(f"latent attention expands K/V for every head: num_kv_heads={self.num_kv_heads} "
+                                f"must equal num_heads={self.num_heads}")
+        if not 0 < self.qk_rope_head_dim < self.head_dim or self.qk_rope_head_dim % 2:
+            raise RosetoolError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and below "
+                                f"head_dim={self.head_dim} (unrotated + rotated dims)")
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.mlp_only_layers

@@ -104,9 +104,9 @@ def test_unsupported_config_is_refused_by_name(src, tmp_path, cli):
 
 
 def test_unimplemented_rope_scaling_is_refused_by_name(tmp_path, cli):
-    folder = build_hf("llama", tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+    folder = build_hf("llama", tmp_path / "dyn", rope_scaling={"rope_type": "dynamic", "factor": 4.0,
                                                                 "original_max_position_embeddings": 32})
-    assert_one_line_error(cli("convert", "hf-to-native", folder, tmp_path / "out"), "rope_scaling type 'yarn'")
+    assert_one_line_error(cli("convert", "hf-to-native", folder, tmp_path / "out"), "rope_scaling type 'dynamic'")
 
 
 def test_non_empty_destination_needs_force_and_source_is_untouched(src, tmp_path, cli):

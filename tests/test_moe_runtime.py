@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from rosetool.canonical import ModelArgs
 from rosetool.errors import RosetoolError
 from rosetool.runtime.model import MLP, Block
-from rosetool.runtime.moe import MoE, _grouped_mm_fits, grouped_experts, reference_experts, route
+from rosetool.runtime.moe import MoE, Router, _grouped_mm_fits, grouped_experts, reference_experts
 
 
 def moe_args(**overrides) -> ModelArgs:
@@ -15,6 +15,13 @@ def moe_args(**overrides) -> ModelArgs:
                 intermediate_size=40, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,
                 moe_intermediate_size=24)
     return ModelArgs(**{**base, **overrides})
+
+
+def route(x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    experts, hidden = router.shape
+    r = Router(moe_args(hidden_size=hidden, num_experts=experts, num_experts_per_tok=k, norm_topk_prob=renormalize))
+    r.weight = torch.nn.Parameter(router)
+    return r(x)
 
 
 # (tokens, hidden, ffn, experts, top_k): aligned sizes take F.grouped_mm, odd ones the loop over experts;
@@ -177,3 +184,50 @@ def test_moe_config_defaults_and_layer_kinds():
 def test_moe_config_refusals_name_the_field(bad, message):
     with pytest.raises(RosetoolError, match=message.replace("[", r"\[").replace("]", r"\]")):
         moe_args(**bad)
+
+
+DEEPSEEK_ROUTERS = [   # version, experts, top_k, groups, top groups, renormalise, scaling (V2: method by groups)
+    ("v3", 16, 4, 4, 2, True, 2.5),
+    ("v3", 12, 3, 1, 1, False, 1.0),
+    ("v3", 12, 2, 6, 3, True, 1.0),
+    ("v2", 10, 3, 1, 1, False, 1.0),
+    ("v2", 16, 6, 8, 3, False, 16.0),
+]
+
+
+@pytest.mark.parametrize("case", DEEPSEEK_ROUTERS, ids=lambda c: "-".join(map(str, c)))
+def test_deepseek_routing_chooses_and_weighs_as_transformers(case):
+    """Sigmoid + choice bias + top-2-sum groups (V3) and softmax + best-expert groups (V2) on 200 tokens: the
+    same experts (as sets, HF does not sort them) with the same weights."""
+    import transformers as tf
+    version, experts, k, groups, top, renorm, scale = case
+    common = dict(hidden_size=24, num_attention_heads=4, n_routed_experts=experts, num_experts_per_tok=k, n_group=groups,
+                  topk_group=top, routed_scaling_factor=scale, norm_topk_prob=renorm)
+    if version == "v3":
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as router
+        config = tf.DeepseekV3Config(**common)
+    else:
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter as router
+        config = tf.DeepseekV2Config(**{**common, "norm_topk_prob": False},
+                                     topk_method="group_limited_greedy" if groups > 1 else "greedy")
+    hf = router(config)
+    args = moe_args(hidden_size=24, num_experts=experts, num_experts_per_tok=k, norm_topk_prob=renorm and version == "v3",
+                    router_scoring="sigmoid" if version == "v3" else "softmax", router_bias=version == "v3",
+                    router_fp32=True, expert_groups=groups, topk_groups=top, routed_scaling_factor=scale,
+                    group_score="top2_sum" if version == "v3" else "max")
+    ours = Router(args)
+    gen = torch.Generator().manual_seed(experts + k)
+    with torch.no_grad():
+        ours.weight.copy_(hf.weight.copy_(torch.randn(experts, 24, generator=gen)))
+        if version == "v3":
+            ours.choice_bias.copy_(hf.e_score_correction_bias.copy_(torch.randn(experts, generator=gen)))
+        x = torch.randn(200, 24, generator=gen)
+        _, want_w, want_e = hf(x)
+        got_w, got_e = ours(x)
+    want, got = want_e.sort(-1), got_e.sort(-1)
+    assert torch.equal(want.values, got.values)
+    assert torch.allclose(want_w.gather(1, want.indices), got_w.gather(1, got.indices), atol=1e-6, rtol=0)
+    if version == "v3":   # the bias changed some choices, so it is being used for choosing, not weighing
+        plain = Router(moe_args(**{**args.__dict__, "router_bias": False, "mlp_only_layers": []}))
+        plain.weight = ours.weight
+        assert not torch.equal(plain(x)[1].sort(-1).values, got.values)

@@ -10,7 +10,9 @@ from typing import Any
 
 def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
     facts: dict[str, str] = {}
-    if cfg.get("position") == "rope":
+    if cfg.get("kv_lora_rank") is not None:
+        facts.update(_latent_attention(cfg))
+    elif cfg.get("position") == "rope":
         head_dim = cfg["head_dim"]
         rot = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
         pairs = "interleaved pairs (GPT-J)" if cfg.get("rope_interleaved") else "rotate-half pairs"
@@ -43,4 +45,28 @@ def family_facts(cfg: dict[str, Any]) -> dict[str, str]:
                                f"full layers: base {cfg['rope_theta']}")
     if cfg.get("lm_head_bias"):
         facts["lm_head"] = "LM head has a bias"
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "yarn":
+        facts["yarn"] = (f"YaRN RoPE: factor {scaling['factor']} over {scaling['original_max_position_embeddings']} "
+                         f"positions, cos/sin scaled by its attention factor")
+    return facts
+
+
+def _latent_attention(cfg: dict[str, Any]) -> dict[str, str]:
+    """MLA: what is compressed, which dims rotate, and what one token costs in the KV cache."""
+    heads, head_dim, rope, rank = cfg["num_heads"], cfg["head_dim"], cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
+    v_dim = cfg.get("v_head_dim") or head_dim
+    pairs = "interleaved pairs" if cfg.get("rope_interleaved") else "rotate-half pairs"
+    q = f"q LoRA rank {cfg['q_lora_rank']}" if cfg.get("q_lora_rank") else "q projected directly"
+    expanded = heads * (head_dim + v_dim)
+    facts = {
+        "latent_attention": f"multi-head latent attention: K/V of {heads} heads from a {rank}-dim latent per token; {q}",
+        "rotary": f"rotary: last {rope} of {head_dim} q/k dims per head (key part shared by all heads), {pairs}",
+        "kv_cache": f"KV cache per token and layer: latent {rank} + rotary {rope} = {rank + rope} values "
+                    f"(expanded K/V would be {expanded}, {expanded / (rank + rope):.1f}x more)",
+    }
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("mscale_all_dim"):
+        facts["attention_scale"] = (f"softmax scale (qk head dim {head_dim})^-1/2 times YaRN mscale^2 "
+                                    f"(mscale_all_dim {scaling['mscale_all_dim']})")
     return facts

@@ -25,7 +25,9 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
     params = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     family = {
-        "attention": f"{cfg['num_heads']} heads, {cfg['num_kv_heads']} kv heads "
+        "attention": f"{cfg['num_heads']} heads, q/k head_dim {cfg['head_dim']}, v head_dim {cfg.get('v_head_dim')}, "
+                     f"K/V from one latent" if cfg.get("kv_lora_rank") is not None else
+                     f"{cfg['num_heads']} heads, {cfg['num_kv_heads']} kv heads "
                      f"({cfg['num_heads'] // cfg['num_kv_heads']} per group), head_dim {cfg['head_dim']}",
         "positions": "learned" if cfg["position"] == "learned" else
                      f"rope theta={cfg['rope_theta']} scaling={cfg['rope_scaling'] or 'none'}",
@@ -83,14 +85,32 @@ def _moe_summary(cfg: dict[str, Any]) -> dict[str, Any]:
         return {}
     dense = set(cfg.get("mlp_only_layers") or ())
     shared = cfg.get("shared_expert_intermediate_size") or 0
+    scoring = cfg.get("router_scoring", "softmax")
     return {
         "experts": f"{cfg['num_experts']} experts, top-{cfg['num_experts_per_tok']} "
-                   f"({'renormalised' if cfg.get('norm_topk_prob') else 'raw softmax'} weights), "
+                   f"({'renormalised' if cfg.get('norm_topk_prob') else 'raw ' + scoring} weights), "
                    f"expert ffn {cfg.get('moe_intermediate_size')}",
+        **_routing(cfg),
         "shared_expert": f"ffn {shared}{', sigmoid gate' if cfg.get('shared_expert_gate') else ''}" if shared else "none",
         "moe_layers": f"{[i for i in range(cfg['num_layers']) if i not in dense]} "
                       f"(dense: {sorted(dense) if dense else 'none'})",
     }
+
+
+def _routing(cfg: dict[str, Any]) -> dict[str, str]:
+    """DeepSeek's additions to top-k routing, only where a model uses them."""
+    parts = []
+    if cfg.get("router_scoring") == "sigmoid":
+        parts.append("sigmoid scores")
+    if cfg.get("router_bias"):
+        parts.append("a per-expert bias steers the choice (not the weights)")
+    if (cfg.get("expert_groups") or 1) > 1:
+        how = "best two summed" if cfg.get("group_score") == "top2_sum" else "best expert"
+        parts.append(f"chosen within the best {cfg['topk_groups']} of {cfg['expert_groups']} expert groups "
+                     f"(a group scores its {how})")
+    if (cfg.get("routed_scaling_factor") or 1.0) != 1.0:
+        parts.append(f"weights times {cfg['routed_scaling_factor']}")
+    return {"routing": "; ".join(parts)} if parts else {}
 
 
 def _natural(key: str) -> list[Any]:

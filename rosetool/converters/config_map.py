@@ -137,6 +137,40 @@ def _read_mlp_only_layers(raw: Mapping[str, Any]) -> list[int]:
     return sorted(set(raw.get("mlp_only_layers") or ()) | {i for i in every if (i + 1) % step})
 
 
+def _read_first_k_dense(raw: Mapping[str, Any]) -> list[int]:
+    return list(range(min(raw.get("first_k_dense_replace") or 0, raw.get("num_hidden_layers") or 0)))
+
+
+def _write_first_k_dense(layers: list[int], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek can only say "the first k layers are dense"; other patterns (Megatron's moe_layer_freq) cannot be written."""
+    if list(layers) != list(range(len(layers))):
+        raise RosetoolError(f"dense layers {list(layers)} are not the first k layers: DeepSeek's "
+                            f"first_k_dense_replace cannot express them")
+    return {"first_k_dense_replace": len(layers)}
+
+
+def _write_n_shared(size: int, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    count, rest = divmod(size, cfg["moe_intermediate_size"])
+    if rest:
+        raise RosetoolError(f"shared expert width {size} is not a multiple of moe_intermediate_size="
+                            f"{cfg['moe_intermediate_size']}: DeepSeek's n_shared_experts cannot express it")
+    return {"n_shared_experts": count}
+
+
+def _v2_groups(key: str) -> Codec:
+    """DeepSeek-V2 limits experts to groups only with topk_method group_limited_greedy; greedy is one group."""
+    def read(raw: Mapping[str, Any]) -> int:
+        method = raw.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise RosetoolError(f"topk_method={method!r} is not implemented for DeepSeek-V2")
+        return raw.get(key) or 1 if method == "group_limited_greedy" else 1
+
+    def write(value: int, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        grouped = cfg["expert_groups"] > 1
+        return {"topk_method": "group_limited_greedy" if grouped else "greedy", key: value if grouped else None}
+    return Codec((key, "topk_method"), read, write)
+
+
 CODECS: dict[str, Codec] = {
     "hf_rope_theta": Codec(("rope_theta", "rope_parameters"),
                            lambda raw: float(_rope_params(raw).get("rope_theta", 10000.0)),
@@ -154,6 +188,7 @@ CODECS: dict[str, Codec] = {
     "hf_attn_logit_softcapping": _explicit("attn_logit_softcapping"),
     "hf_final_logit_softcapping": _explicit("final_logit_softcapping"),
     "hf_sliding_window": _explicit("sliding_window"),
+    "hf_q_lora_rank": _explicit("q_lora_rank"),   # DeepSeek: transformers' default is 1536, not "no q LoRA"
     "hf_gemma3_rope_theta": Codec(("rope_parameters", "rope_theta"),
                                   lambda raw: float(_gemma3_rope(raw, "full_attention")["rope_theta"]),
                                   lambda theta, cfg: {}),
@@ -168,6 +203,15 @@ CODECS: dict[str, Codec] = {
         for i in range(raw["num_hidden_layers"])], lambda layer_types, cfg: {"layer_types": layer_types}),
     "hf_mlp_only_layers": Codec(("mlp_only_layers", "decoder_sparse_step"), _read_mlp_only_layers,
                                 lambda layers, cfg: {"mlp_only_layers": list(layers), "decoder_sparse_step": 1}),
+    # DeepSeek: a q/k head is qk_nope_head_dim + qk_rope_head_dim wide (HF's own head_dim is the rope part)
+    "hf_mla_head_dim": Codec(("qk_nope_head_dim",), lambda raw: raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"],
+                             lambda dim, cfg: {"qk_nope_head_dim": dim - cfg["qk_rope_head_dim"]}),
+    "hf_first_k_dense_replace": Codec(("first_k_dense_replace",), _read_first_k_dense, _write_first_k_dense),
+    "hf_n_shared_experts": Codec(("n_shared_experts",),
+                                 lambda raw: (raw.get("n_shared_experts") or 0) * raw["moe_intermediate_size"],
+                                 _write_n_shared),
+    "hf_v2_expert_groups": _v2_groups("n_group"),
+    "hf_v2_topk_groups": _v2_groups("topk_group"),
     # transformers 5 saves Qwen3-MoE's expert count as num_local_experts; the hub spells it num_experts
     "hf_num_experts": Codec(("num_experts", "num_local_experts"),
                             lambda raw: raw.get("num_experts") or raw.get("num_local_experts"),
@@ -194,7 +238,7 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
+_OPTIONAL = frozenset({"kv_lora_rank", "q_lora_rank", "v_head_dim", "rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
                        "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types", "rope_local_theta"})
 
 

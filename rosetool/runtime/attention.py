@@ -33,10 +33,13 @@ class AttentionContext:
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Write `k`/`v` ([N, kv_heads, head_dim]) into their slots; rows with slot -1 are skipped."""
+    store_rows(k, k_cache, slot_mapping)
+    store_rows(v, v_cache, slot_mapping)
+
+
+def store_rows(x: Tensor, cache: Tensor, slot_mapping: Tensor) -> None:
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping[keep], x[keep].to(cache.dtype))
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: AttentionContext,
@@ -114,8 +117,10 @@ class PagedAttention:
     """
 
     def __init__(self, k_cache: Tensor, v_cache: Tensor, scale: float,
-                 sliding_window: int | None | Sequence[int | None], use_triton: bool, softcap: float | None = None):
+                 sliding_window: int | None | Sequence[int | None], use_triton: bool, softcap: float | None = None,
+                 latent: bool = False):
         self.k_cache, self.v_cache = k_cache, v_cache  # [layers, blocks, block_size, kv_heads, D]
+        self.latent = latent   # latent attention: v_cache is a view of k_cache's first dims, stored with K
         self.scale = scale
         self.sliding_window = sliding_window   # one for all layers, or one per layer (Gemma 2 alternates)
         self.softcap = softcap
@@ -138,6 +143,8 @@ class PagedAttention:
                 out = triton_kernels.paged_decode_attention(
                     q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale, window)
                 return out[None]
+        elif self.latent:
+            store_rows(k, k_cache, ctx.slot_mapping)
         else:
             store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         return paged_attention(q, k_cache, v_cache, ctx, self.scale, window, self.softcap)[None]

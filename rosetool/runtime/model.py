@@ -1,7 +1,8 @@
-"""The runtime's transformer for every family (GPT-2, Llama, GPT-NeoX, GPT-J, Phi, Gemma, GLM), native layout.
+"""The runtime's transformer for every family (GPT-2, Llama, GPT-NeoX, GPT-J, Phi, Gemma, GLM, DeepSeek), native layout.
 
 Families differ in small, named ways, each kept beside this file: RoPE layouts (`rope.py`), norms
-(`norms.py`), soft-capped attention (`softcap.py`), mixture-of-experts layers (`moe.py`); block shape (sequential, parallel, sandwich) is `Block`.
+(`norms.py`), soft-capped attention (`softcap.py`), latent attention (`mla.py`), mixture-of-experts
+layers (`moe.py`); block shape (sequential, parallel, sandwich) is `Block`.
 
 `ModelArgs` (rosetool.canonical) is the canonical config of the mapping specs, so a native folder's
 config loads as is.
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..canonical import ModelArgs
+from .mla import LatentAttention
 from .moe import MoE
 from .norms import make_norm
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .rope import apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from .softcap import attend
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,7 +99,8 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.parallel, self.shared_norm, self.sandwich = args.parallel_residual, args.shared_norm, args.sandwich_norms
-        self.attn_norm, self.attn = make_norm(args), Attention(args)
+        self.attn_norm = make_norm(args)
+        self.attn = LatentAttention(args) if args.is_mla else Attention(args)
         self.mlp = self.moe = None     # one of them: native keys say `mlp` or `moe` by layer kind
         if args.is_moe_layer(layer):
             shared = MLP(args, args.shared_expert_intermediate_size) if args.shared_expert_intermediate_size else None
@@ -149,7 +152,7 @@ class Transformer(nn.Module):
                 inv = self._inv_freqs.get(key)
                 if inv is None or inv.device != positions.device:
                     inv = self._inv_freqs[key] = rope_inv_freq(a).to(positions.device)
-                tables[key] = rope_cos_sin(positions, inv, a.rope_interleaved, dtype)
+                tables[key] = rope_cos_sin(positions, inv, a.rope_interleaved, dtype, rope_attention_factor(a))
         return [tables[id(a)] for a in self._rope_args]
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -35,18 +35,14 @@ class ModelRunner:
             torch.set_num_threads(cpu_threads())   # see runtime/host.py: the default oversubscribes
             make_weights_column_major(model)        # see runtime/cpu_layout.py: faster decode matmuls
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
-        shape = (self.args.num_layers, self.num_kv_blocks, self.block_size,
-                 self.args.num_kv_heads, self.args.head_dim)
-        if self.device.type == "cpu":
-            k_cache, v_cache = lazily_zeroed(shape, self.dtype), lazily_zeroed(shape, self.dtype)
-        else:
-            k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v_cache = torch.zeros_like(k_cache)
-        # the Triton decode kernel has no soft-cap: capped models (Gemma 2) take the torch path
-        use_triton = self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
+        k_cache, v_cache = self._allocate_cache()
+        # the Triton decode kernel has no soft-cap and one head width for K and V: capped models (Gemma 2)
+        # and latent attention (DeepSeek) take the torch path
+        use_triton = (self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
+                      and not self.args.is_mla)
         windows = [self.args.layer_window(i) for i in range(self.args.num_layers)]
         self.attention = PagedAttention(k_cache, v_cache, self.args.attn_scale, windows, use_triton,
-                                        self.args.attn_softcap)
+                                        self.args.attn_softcap, latent=self.args.is_mla)
         self.max_model_len = min(self._model_len_limit(), self.num_kv_blocks * self.block_size)
         if self.max_model_len < self._model_len_limit():
             log.warning("KV pool of %d blocks holds %d tokens: max_model_len lowered from %d to %d",
@@ -55,12 +51,31 @@ class ModelRunner:
         if use_triton and not config.enforce_eager:
             self.graphs = self._capture_graphs()
 
+    def _cache_rows(self) -> tuple[tuple[int, int], int]:
+        """(K heads, K width) of one token's cache entry per layer, and how many such tensors (K and V, or
+        latent attention's one latent whose first kv_lora_rank dims double as V)."""
+        a = self.args
+        if a.is_mla:
+            return (1, a.kv_lora_rank + a.qk_rope_head_dim), 1
+        return (a.num_kv_heads, a.head_dim), 2
+
+    def _allocate_cache(self) -> tuple[Tensor, Tensor]:
+        (heads, width), count = self._cache_rows()
+        shape = (self.args.num_layers, self.num_kv_blocks, self.block_size, heads, width)
+        if self.device.type == "cpu":
+            caches = [lazily_zeroed(shape, self.dtype) for _ in range(count)]
+        else:
+            caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
+        if count == 1:
+            return caches[0], caches[0][..., :self.args.kv_lora_rank]
+        return caches[0], caches[1]
+
     def _model_len_limit(self) -> int:
         return self.config.max_model_len or self.args.max_position_embeddings
 
     def _block_bytes(self) -> int:
-        a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        (heads, width), count = self._cache_rows()
+        return count * self.args.num_layers * self.block_size * heads * width * self.dtype.itemsize
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

@@ -2,7 +2,8 @@
 
 Routing follows Mixtral / Qwen-MoE / OLMoE: softmax over all experts in fp32, top-k, optional
 renormalisation of the k weights, weighted sum of the chosen experts; a shared expert, optionally
-scaled by sigmoid(shared_gate(x)), is added on top.
+scaled by sigmoid(shared_gate(x)), is added on top. DeepSeek adds sigmoid scores, a bias that steers
+the choice but not the weights, group-limited choice and a scale on the routed sum (`Router`).
 
 Two expert kernels compute the same sum. `reference_experts` runs every token through every expert and
 masks, which is plainly right and wasteful. `grouped_experts` sorts the (token, expert) pairs by
@@ -24,13 +25,41 @@ from ..canonical import ModelArgs
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token and their weights ([N, k] each); probabilities in fp32 as HF does."""
-    probs = F.linear(x, router).float().softmax(dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(x.dtype), experts
+class Router(nn.Module):
+    """Which k experts each token goes to, and with what weights. `choice_bias` (DeepSeek-V3's
+    e_score_correction_bias) is added to the scores only to choose experts; the weights are the
+    unbiased scores of the chosen ones."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+        self.choice_bias = nn.Parameter(torch.empty(args.num_experts)) if args.router_bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts per token and their weights ([N, k] each); scores in fp32 as HF computes them."""
+        a = self.args
+        logits = F.linear(x.float(), self.weight.float()) if a.router_fp32 else F.linear(x, self.weight).float()
+        scores = logits.sigmoid() if a.router_scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.choice_bias is None else scores + self.choice_bias.float()
+        if a.expert_groups > 1:
+            choice = _best_groups(choice, a.expert_groups, a.topk_groups, a.group_score)
+        experts = choice.topk(a.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if a.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if a.routed_scaling_factor != 1.0:
+            weights = weights * a.routed_scaling_factor
+        return weights.to(x.dtype), experts
+
+
+def _best_groups(choice: torch.Tensor, groups: int, keep: int, score: str) -> torch.Tensor:
+    """Hide (-inf) the experts outside each token's `keep` best groups of consecutive experts."""
+    grouped = choice.view(choice.shape[0], groups, -1)
+    group_scores = grouped.amax(dim=-1) if score == "max" else grouped.topk(2, dim=-1).values.sum(dim=-1)
+    best = group_scores.topk(keep, dim=-1).indices
+    shown = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~shown[..., None], float("-inf")).flatten(1)
 
 
 def reference_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, up: torch.Tensor,
@@ -104,8 +133,8 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs, act: Activation, shared: nn.Module | None = None):
         super().__init__()
-        self.top_k, self.renormalize, self.act = args.num_experts_per_tok, args.norm_topk_prob, act
-        self.router = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.act = act
+        self.router = Router(args)
         self.experts = Experts(args)
         self.shared = shared
         self.shared_gate = nn.Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gate else None
@@ -113,7 +142,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, experts = route(flat, self.router.weight, self.top_k, self.renormalize)
+        weights, experts = self.router(flat)
         out = self.kernel(flat, weights, experts, self.experts.up.weight, self.experts.down.weight, self.act)
         if self.shared is not None:
             shared = self.shared(flat)

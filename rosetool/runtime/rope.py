@@ -1,4 +1,4 @@
-"""Rotary position embeddings: frequencies (plain, linear, Llama 3 scaling) and the two pair layouts.
+"""Rotary position embeddings: frequencies (plain, linear, Llama 3, YaRN scaling) and the two pair layouts.
 
 Families differ in which dims a rotation pairs up: HF Llama/NeoX/Phi rotate the first half of the
 rotated dims against the second ("rotate-half"), GPT-J rotates neighbours (2i, 2i+1). Several rotate
@@ -11,11 +11,42 @@ import math
 
 import torch
 
-from ..canonical import ModelArgs
+from ..canonical import ModelArgs, yarn_mscale
 
 
 def rotary_dim(args: ModelArgs) -> int:
-    return int(args.head_dim * args.partial_rotary_factor)
+    """Latent attention rotates its own qk_rope_head_dim dims; others the first fraction of each head."""
+    return args.qk_rope_head_dim if args.is_mla else int(args.head_dim * args.partial_rotary_factor)
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """YaRN scales cos and sin (so q.k by its square): mscale(factor, mscale) / mscale(factor, mscale_all_dim)."""
+    s = args.rope_scaling or {}
+    if s.get("rope_type") != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return yarn_mscale(s["factor"], s["mscale"]) / yarn_mscale(s["factor"], s["mscale_all_dim"])
+    return yarn_mscale(s["factor"])
+
+
+def _yarn(d: int, theta: float, s: dict) -> torch.Tensor:
+    """Interpolate slow-turning dims by `factor`, keep fast ones, and ramp linearly between the dims that
+    turn beta_slow and beta_fast times over the original context (HF's `_compute_yarn_parameters`)."""
+    def dim_of(turns: float) -> float:
+        return d * math.log(s["original_max_position_embeddings"] / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    pos = theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    return 1.0 / (s["factor"] * pos) * (1 - keep) + 1.0 / pos * keep
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -25,6 +56,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     s = args.rope_scaling or {}
     if s.get("rope_type") == "linear":
         return inv / s["factor"]
+    if s.get("rope_type") == "yarn":
+        return _yarn(d, args.rope_theta, s)
     if s.get("rope_type") == "llama3":
         old = s["original_max_position_embeddings"]
         low_wl, high_wl = old / s["low_freq_factor"], old / s["high_freq_factor"]
@@ -38,12 +71,14 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin laid out like the dims they rotate: [f0 f1 .. f0 f1 ..] or [f0 f0 f1 f1 ..]; shape [..., T, 1, rot]."""
     freqs = positions[..., None].float() * inv_freq
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     emb = emb[..., None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if scale == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

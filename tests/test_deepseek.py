@@ -1,0 +1,194 @@
+"""DeepSeek-V2/V3: multi-head latent attention with a latent paged KV cache, and DeepSeek's MoE routing,
+each checked against transformers.
+
+Every case is a tiny random transformers model with odd sizes and every parameter and buffer redrawn (norm
+weights, biases and V3's expert-choice bias too), so a swapped or dropped tensor cannot hide. Across the
+cases each flag appears both ways: q LoRA, interleaved rotary, attention bias, renormalised top-k, expert
+groups, YaRN with mscale, first_k_dense_replace, tied embeddings, V2's greedy and group-limited routing.
+The model's rms_norm_eps differs from the latent norms' fixed 1e-6, so confusing the two shows.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rosetool.converters.api import convert
+from rosetool.runtime import LLM, SamplingParams
+
+VOCAB = 96
+BASE = dict(vocab_size=VOCAB, hidden_size=45, intermediate_size=70, moe_intermediate_size=22, num_hidden_layers=3,
+            num_attention_heads=3, num_key_value_heads=3, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=14,
+            qk_rope_head_dim=6, v_head_dim=10, qk_nope_head_dim=12, num_experts_per_tok=3, first_k_dense_replace=1,
+            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+CASES = {   # name -> (model_type, config, facts `inspect` must report)
+    "v3-qlora-grouped": ("deepseek_v3", {**BASE, "q_lora_rank": 20, "n_group": 4, "topk_group": 2},
+                         ["q LoRA rank 20", "interleaved pairs", "best 2 of 4 expert groups", "best two summed",
+                          "latent 14 + rotary 6 = 20 values", "weights times 2.5", "renormalised"]),
+    "v3-direct-yarn-bias-tied": ("deepseek_v3", {**BASE, "q_lora_rank": None, "rope_interleave": False,
+                                                 "attention_bias": True, "norm_topk_prob": False, "n_group": 1,
+                                                 "topk_group": 1, "first_k_dense_replace": 0, "rope_parameters": YARN,
+                                                 "tie_word_embeddings": True, "routed_scaling_factor": 1.0},
+                                 ["q projected directly", "rotate-half pairs", "YaRN RoPE: factor 4.0",
+                                  "raw sigmoid weights", "mscale_all_dim 0.707", "(dense: none)"]),
+    "v2-greedy-yarn": ("deepseek_v2", {**BASE, "q_lora_rank": None, "topk_method": "greedy",
+                                       "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}},
+                       ["q projected directly", "interleaved pairs", "raw softmax weights", "YaRN RoPE"]),
+    "v2-grouped-qlora": ("deepseek_v2", {**BASE, "q_lora_rank": 18, "topk_method": "group_limited_greedy",
+                                         "n_group": 4, "topk_group": 2, "n_shared_experts": 2,
+                                         "routed_scaling_factor": 1.7, "first_k_dense_replace": 2,
+                                         "num_hidden_layers": 4},
+                         ["q LoRA rank 18", "best 2 of 4 expert groups (a group scores its best expert)",
+                          "weights times 1.7", "ffn 44", "(dense: [0, 1])"]),
+}
+
+
+def build(model_type, config, folder, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "inv_freq" in name:
+                continue
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+            else:   # norm weights around 1, biases (the expert-choice bias too) around 0, all distinct
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_hf(folder):
+    """The plain per-expert loop: transformers' grouped_mm path needs 16-byte strides the odd sizes lack."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    model_type, config, facts = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    hf = build(model_type, config, root / "hf")
+    convert(hf, root / "native", "native")
+    return request.param, hf, root / "native", facts
+
+
+def tensors(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_logits_match_transformers_at_several_lengths(case):
+    from rosetool.runtime.model import load_model
+    name, hf, native, _ = case
+    ref_model, (model, _) = load_hf(hf), load_model(native, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for length in (1, 6, 23, 50):
+        tokens = torch.randint(0, VOCAB, (2, length), generator=gen)
+        with torch.no_grad():
+            ref, got = ref_model(tokens).logits, model(tokens)
+        assert (ref - got).abs().max() < 1e-4, (name, length)
+        assert torch.equal(ref.argmax(-1), got.argmax(-1)), (name, length)
+
+
+def test_hf_native_hf_is_bit_identical(case, tmp_path):
+    name, hf, native, _ = case
+    convert(native, tmp_path / "back", "hf")
+    a, b = tensors(hf), tensors(tmp_path / "back")
+    assert a.keys() == b.keys(), name
+    assert all(torch.equal(a[k], b[k]) for k in a), name
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(load_hf(hf)(tokens).logits, load_hf(tmp_path / "back")(tokens).logits), name
+    src, out = (json.loads((p / "config.json").read_text()) for p in (hf, tmp_path / "back"))
+    for key in ("model_type", "architectures", "rope_parameters", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group", "topk_method", "first_k_dense_replace",
+                "n_shared_experts", "routed_scaling_factor", "norm_topk_prob", "rope_interleave", "attention_bias",
+                "tie_word_embeddings", "rms_norm_eps"):
+        assert src.get(key) == out.get(key), (name, key)
+
+
+def test_paged_greedy_generation_matches_hf_generate(case):
+    name, hf_path, native, _ = case
+    hf = load_hf(hf_path)
+    prompts = [[random.Random(i).randrange(2, VOCAB) for _ in range(n)] for i, n in enumerate([3, 11, 26])]
+    llm = LLM(native, dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+        assert out.token_ids == ref[0, len(prompt):].tolist(), (name, len(prompt))
+    assert len({t for out in outs for t in out.token_ids}) > 3, "greedy output too uniform to catch a cache bug"
+
+
+def test_the_paged_cache_holds_the_latent_not_expanded_kv(case):
+    """One cache tensor of kv_lora_rank + qk_rope_head_dim per token and layer; V is a view of its first dims."""
+    name, _, native, _ = case
+    llm = LLM(native, dtype="float32", device="cpu", block_size=4, num_kv_blocks=32)
+    attn = llm.runner.attention
+    layers = llm.runner.args.num_layers
+    assert tuple(attn.k_cache.shape) == (layers, 32, 4, 1, 14 + 6), name
+    assert attn.v_cache.data_ptr() == attn.k_cache.data_ptr() and attn.v_cache.shape[-1] == 14, name
+    assert llm.runner._block_bytes() == layers * 4 * 20 * 4, name   # vs 2 * 3 heads * 18 dims expanded
+
+
+def test_verify_and_export_hf_work_on_the_family(case, cli, tmp_path):
+    name, hf, native, _ = case
+    res = cli("verify", hf, native, "--json")
+    assert res.code == 0 and json.loads(res.out)["passed"] is True, (name, res.out, res.err)
+    assert cli("export-hf", native, tmp_path / "export").code == 0
+    assert tensors(tmp_path / "export").keys() == tensors(hf).keys(), name
+
+
+def test_bench_offline_runs_the_family(case, cli):
+    name, _, native, _ = case
+    res = cli("bench", "offline", "--backend", "rosetool", "--model", native, "--num-prompts", "2", "--input-len", "6",
+              "--output-len", "3", "--warmup", "0", "--runs", "1", "--json")
+    assert res.code == 0, (name, res.err)
+    assert json.loads(res.out)["runs"], name
+
+
+def test_inspect_explains_the_family(case, cli):
+    name, hf, native, facts = case
+    for path in (hf, native):
+        res = cli("inspect", path)
+        assert res.code == 0, res.err
+        text = " ".join(res.out.replace("│", " ").split())
+        for fact in facts:
+            assert fact in text, (name, fact)
+    derived = [json.loads(cli("inspect", p, "--json").out)["derived"] for p in (hf, native)]
+    assert derived[0] == derived[1], name
+
+
+def test_tensor_parallel_is_refused_before_any_process_starts(case, cli):
+    name, _, native, _ = case
+    res = cli("generate", native, "3 4", "--tp", "2", "--max-tokens", "2")
+    assert res.code == 2 and "tensor_parallel_size=1" in res.err + res.out, res.err + res.out
+
+
+REFUSED = {   # name -> (model_type, config.json edit, what the one-line error must name)
+    "fp8": ("deepseek_v3", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+            "FP8 block-quantized weights"),
+    "moe-layer-freq": ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq other than 1"),
+    "v2-renormalised": ("deepseek_v2", {"norm_topk_prob": True}, "unsupported norm_topk_prob=True"),
+    "v2-noaux": ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc' is not implemented for DeepSeek-V2"),
+    "v3-greedy": ("deepseek_v3", {"topk_method": "greedy"}, "topk_method other than noaux_tc"),
+    "v3-softmax": ("deepseek_v3", {"scoring_func": "softmax"}, "unsupported scoring_func='softmax'"),
+    "kv-heads": ("deepseek_v3", {"num_key_value_heads": 1}, "num_kv_heads=1 must equal num_heads=3"),
+    "groups": ("deepseek_v3", {"n_group": 3, "topk_group": 1}, "the groups must divide the experts"),
+    "few-groups": ("deepseek_v3", {"n_group": 4, "topk_group": 1}, "num_experts_per_tok=3 is more than"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_settings_the_runtime_lacks_are_refused_by_name(name, cli, tmp_path):
+    model_type, edit, message = REFUSED[name]
+    hf = build(model_type, {**BASE, "q_lora_rank": None, "n_group": 1, "topk_group": 1}, tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, **edit}))
+    res = cli("convert", "hf-to-native", hf, tmp_path / "native")
+    assert res.code == 2 and message in res.err + res.out, res.err + res.out
+    assert "Traceback" not in res.err + res.out and "config.json" in res.err + res.out
