@@ -18,6 +18,7 @@ NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")   # gemma_rmsnorm: x / rms(x) 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 POSITIONS = ("rope", "learned")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+LATENT_NORM_EPS = 1e-6   # DeepSeek (and HF) build the q/kv latent norms with this eps, whatever rms_norm_eps says
 GROUP_SCORES = ("max", "top2_sum")   # a group's score: its best expert (DeepSeek-V2) or its best two summed (V3)
 
 

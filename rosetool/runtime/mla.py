@@ -19,12 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..canonical import ModelArgs
+from ..canonical import LATENT_NORM_EPS, ModelArgs
 from .norms import RMSNorm
 from .rope import apply_rope
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-LATENT_NORM_EPS = 1e-6   # HF and DeepSeek build the q/kv latent norms with the default eps, not rms_norm_eps
 
 
 class LatentAttention(nn.Module):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError, RosetoolError
+from ...canonical import LATENT_NORM_EPS
 from ...mappings.spec import ArchSpec, get_spec
 from .layout import Layout
 
@@ -28,6 +29,9 @@ def spec_for_args(args: Any, where: str) -> ArchSpec:
     saved = getattr(args, "rosetool_architecture", None)
     if saved:
         return get_spec(saved)
+    if getattr(args, "multi_latent_attention", False):
+        sigmoid = getattr(args, "moe_router_score_function", "softmax") == "sigmoid"
+        return get_spec("deepseek_v3" if sigmoid else "deepseek_v2")
     if getattr(args, "num_experts", None):
         if getattr(args, "qk_layernorm", False):
             return get_spec("qwen3_moe")
@@ -71,7 +75,23 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
         "qk_norm": getattr(args, "qk_layernorm", False),
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
         **_moe_config(args),
+        **_mla_config(args),
     }
+
+
+def _mla_config(args: Any) -> dict[str, Any]:
+    """megatron-core's latent attention args -> canonical fields (its q/kv layernorms are the latent norms)."""
+    if not getattr(args, "multi_latent_attention", False):
+        return {}
+    rope = getattr(args, "qk_pos_emb_head_dim", 64)
+    yarn = getattr(args, "rope_type", "rope") == "yarn"
+    scaling = {"rope_type": "yarn", "factor": float(args.rotary_scaling_factor), "mscale": float(args.mscale),
+               "mscale_all_dim": float(args.mscale_all_dim), "beta_fast": float(args.beta_fast),
+               "beta_slow": float(args.beta_slow),
+               "original_max_position_embeddings": int(args.original_max_position_embeddings)} if yarn else None
+    return {"kv_lora_rank": args.kv_lora_rank, "q_lora_rank": getattr(args, "q_lora_rank", None),
+            "head_dim": args.qk_head_dim + rope, "qk_rope_head_dim": rope, "v_head_dim": args.v_head_dim,
+            "rope_scaling": scaling, "qk_norm": False, "rope_interleaved": True}
 
 
 def _moe_config(args: Any) -> dict[str, Any]:
@@ -80,17 +100,27 @@ def _moe_config(args: Any) -> dict[str, Any]:
     experts = getattr(args, "num_experts", None) or 0
     if not experts:
         return {}
-    for name, fine in (("moe_router_score_function", ("softmax", None)), ("moe_router_topk_scaling_factor", (None, 1.0)),
-                       ("moe_router_num_groups", (None,)), ("moe_router_enable_expert_bias", (None, False))):
-        if getattr(args, name, None) not in fine:
-            raise RosetoolError(f"unsupported Megatron arg {name}={getattr(args, name)!r} (not implemented)")
+    scoring = getattr(args, "moe_router_score_function", None) or "softmax"
+    if scoring not in ("softmax", "sigmoid"):
+        raise RosetoolError(f"unsupported Megatron arg moe_router_score_function={scoring!r} (not implemented)")
+    groups, group_topk = getattr(args, "moe_router_num_groups", None) or 1, getattr(args, "moe_router_group_topk", None) or 1
+    per_group = args.moe_router_topk // group_topk   # megatron-core scores a group by this many of its best, summed
+    if groups > 1 and per_group not in (1, 2):
+        raise RosetoolError(f"Megatron scores expert groups by their best {per_group} experts summed "
+                            f"(moe_router_topk // moe_router_group_topk); the runtime implements 1 and 2")
     shared = getattr(args, "moe_shared_expert_intermediate_size", None) or 0
     return {"num_experts": experts, "num_experts_per_tok": args.moe_router_topk,
+            "router_scoring": scoring, "router_bias": bool(getattr(args, "moe_router_enable_expert_bias", False)),
+            "expert_groups": groups, "topk_groups": group_topk if groups > 1 else 1,
+            "group_score": "top2_sum" if groups > 1 and per_group == 2 else "max",
+            "routed_scaling_factor": float(getattr(args, "moe_router_topk_scaling_factor", None) or 1.0),
             "moe_intermediate_size": getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
             "shared_expert_intermediate_size": shared,
             "shared_expert_gate": bool(shared and getattr(args, "moe_shared_expert_gate", False)),
-            # softmax over all experts then top-k keeps raw probabilities; top-k then softmax renormalises
-            "norm_topk_prob": not getattr(args, "moe_router_pre_softmax", False),
+            # softmax over all experts then top-k keeps raw probabilities; top-k then softmax renormalises;
+            # megatron-core's sigmoid scores are renormalised whenever more than one expert is chosen
+            "norm_topk_prob": args.moe_router_topk > 1 if scoring == "sigmoid"
+            else not getattr(args, "moe_router_pre_softmax", False),
             "mlp_only_layers": _dense_layers(getattr(args, "moe_layer_freq", 1), args.num_layers)}
 
 
@@ -113,22 +143,76 @@ def _moe_args(cfg: Mapping[str, Any], layout: Layout, te: bool) -> dict[str, Any
     if cfg.get("qk_norm_full_width"):
         raise RosetoolError("qk_norm_full_width (OLMoE's q/k norm over all heads) has no Megatron-LM equivalent")
     dense = set(cfg["mlp_only_layers"])
-    return dict(num_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
+    return dict(**_router_args(cfg), num_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
                 moe_ffn_hidden_size=cfg["moe_intermediate_size"],
                 moe_shared_expert_intermediate_size=cfg["shared_expert_intermediate_size"] or None,
                 moe_shared_expert_gate=bool(cfg["shared_expert_gate"]),
-                moe_router_pre_softmax=not cfg["norm_topk_prob"], moe_router_score_function="softmax",
                 moe_layer_freq=[int(i not in dense) for i in range(cfg["num_layers"])] if dense else 1,
                 expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
                 moe_grouped_gemm=te, moe_token_dispatcher_type="alltoall")
 
 
+def _router_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek's routing as megatron-core's router options, or a refusal naming what it cannot express."""
+    k, groups, sigmoid = cfg["num_experts_per_tok"], cfg.get("expert_groups", 1), cfg.get("router_scoring") == "sigmoid"
+    if sigmoid and k > 1 and not cfg["norm_topk_prob"]:
+        raise RosetoolError("norm_topk_prob=false with sigmoid routing: megatron-core always renormalises "
+                            "the chosen sigmoid scores")
+    out = dict(moe_router_score_function=cfg.get("router_scoring", "softmax"),
+               moe_router_pre_softmax=not sigmoid and not cfg["norm_topk_prob"],
+               moe_router_enable_expert_bias=bool(cfg.get("router_bias")),
+               moe_router_topk_scaling_factor=cfg.get("routed_scaling_factor", 1.0)
+               if cfg.get("routed_scaling_factor", 1.0) != 1.0 else None)
+    if groups > 1:
+        per_group = {"top2_sum": 2, "max": 1}[cfg["group_score"]]
+        if k // cfg["topk_groups"] != per_group:
+            raise RosetoolError(f"megatron-core scores an expert group by its best num_experts_per_tok // "
+                                f"topk_group = {k // cfg['topk_groups']} experts summed; this model's groups "
+                                f"score by their best {per_group}")
+        out |= dict(moe_router_num_groups=groups, moe_router_group_topk=cfg["topk_groups"])
+    return out
+
+
+def _mla_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """megatron-core's MLATransformerConfig fields, or a refusal naming what its MLA cannot express."""
+    if cfg.get("kv_lora_rank") is None:
+        return {}
+    if cfg["qkv_bias"] or cfg["o_bias"]:
+        raise RosetoolError("attention_bias=true: megatron-core builds latent attention's projections without biases")
+    if cfg["norm_eps"] != LATENT_NORM_EPS:
+        raise RosetoolError(f"rms_norm_eps={cfg['norm_eps']}: megatron-core applies it to the q/kv latent norms "
+                            f"too, which DeepSeek fixes at {LATENT_NORM_EPS}")
+    if not cfg["rope_interleaved"]:
+        raise RosetoolError("rope_interleave=false: megatron-core's latent attention rotates interleaved pairs; "
+                            "the row permutation to its layout is not mapped")
+    scaling = cfg.get("rope_scaling") or {}
+    # Megatron-LM's YaRN args exist whether or not rope_type uses them; its defaults where there is no YaRN
+    yarn = {"rope_type": "yarn" if scaling else "rope", "rotary_scaling_factor": scaling.get("factor", 1.0),
+            "mscale": scaling.get("mscale", 1.0), "mscale_all_dim": scaling.get("mscale_all_dim", 0.0),
+            "beta_fast": scaling.get("beta_fast", 32), "beta_slow": scaling.get("beta_slow", 1),
+            "original_max_position_embeddings": scaling.get("original_max_position_embeddings",
+                                                            cfg["max_position_embeddings"])}
+    if scaling and (scaling.get("rope_type") != "yarn" or scaling.get("attention_factor") is not None
+                    or scaling.get("truncate", True) is not True):
+        raise RosetoolError(f"rope_scaling {dict(scaling)} has no megatron-core MLA equivalent (YaRN with factor, "
+                            f"mscale, mscale_all_dim, beta_fast/slow and original_max_position_embeddings only)")
+    return dict(multi_latent_attention=True, q_lora_rank=cfg["q_lora_rank"], kv_lora_rank=cfg["kv_lora_rank"],
+                qk_head_dim=cfg["head_dim"] - cfg["qk_rope_head_dim"], qk_pos_emb_head_dim=cfg["qk_rope_head_dim"],
+                v_head_dim=cfg["v_head_dim"], qk_layernorm=True, use_rope_scaling=False, **yarn)
+
+
 def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_vocab: int, divisible_by: int,
-              dtype: torch.dtype, ckpt_format: str, legacy: bool = False, te: bool = False) -> argparse.Namespace:
-    """The fields Megatron-LM reads back with --use-checkpoint-args, plus rosetool's own."""
+              dtype: torch.dtype, ckpt_format: str, legacy: bool = False, te: bool = False,
+              where: object = "") -> argparse.Namespace:
+    """The fields Megatron-LM reads back with --use-checkpoint-args, plus rosetool's own. What Megatron
+    cannot express is refused here, before a file is written, naming the source (`where`)."""
     rope = cfg["position"] == "rope"
+    try:
+        mla, moe = _mla_args(cfg), _moe_args(cfg, layout, te)
+    except RosetoolError as exc:
+        raise RosetoolError(f"{where}: {spec.name} cannot be written for Megatron: {exc}") from None
     return argparse.Namespace(
-        **_rope_scaling_args(cfg.get("rope_scaling")),
+        **({} if mla else _rope_scaling_args(cfg.get("rope_scaling"))),
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=cfg["num_heads"], num_query_groups=cfg["num_kv_heads"],
         group_query_attention=cfg["num_kv_heads"] != cfg["num_heads"], kv_channels=cfg["head_dim"],
@@ -141,10 +225,10 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         add_position_embedding=not rope, rotary_base=int(cfg["rope_theta"] or 10000), rotary_percent=1.0,
         untie_embeddings_and_output_weights=not cfg["tie_word_embeddings"],
         add_bias_linear=bool(cfg["o_bias"] and cfg["mlp_bias"]), add_qkv_bias=bool(cfg["qkv_bias"]),
-        qk_layernorm=bool(cfg["qk_norm"]), params_dtype=dtype, fp16=dtype == torch.float16,
+        qk_layernorm=bool(cfg["qk_norm"]) or bool(mla), params_dtype=dtype, fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16, ckpt_format=ckpt_format, use_legacy_models=legacy,
         transformer_impl="transformer_engine" if te else "local", checkpoint_version=CHECKPOINT_VERSION,
-        **_moe_args(cfg, layout, te),
+        **moe, **{k: v for k, v in mla.items() if k != "qk_layernorm"},
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
 
 

@@ -120,7 +120,7 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
     target.mkdir()
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     args = make_args(ckpt.spec, cfg, layout, env["padded_vocab_size"], env["make_vocab_size_divisible_by"],
-                     out_dtype, "torch_dist", te=True)
+                     out_dtype, "torch_dist", te=True, where=ckpt.path)
     torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": 0 if iteration == "release" else int(iteration)}, target / "common.pt")
     (target / "metadata.json").write_text(json.dumps(METADATA))

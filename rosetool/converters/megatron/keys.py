@@ -27,7 +27,7 @@ _LEGACY_ALIASES = [
 # slice of it `...weight{e}` (the TE grouped spelling), so specs address experts one by one.
 DIST_EXPERTS = re.compile(r"\.experts\.experts\.linear_fc[12]\.weight(\d*)$")
 FORMAT_MARKERS = [("language_model.", "megatron_legacy"), (".experts.experts.", "megatron_dist"),
-                  (".linear_qkv.layer_norm_weight", "megatron_te")]
+                  (".linear_qkv.layer_norm_weight", "megatron_te"), (".linear_kv_up_proj.layer_norm_weight", "megatron_te")]
 
 
 def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

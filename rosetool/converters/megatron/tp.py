@@ -19,7 +19,7 @@ from ...mappings import expr
 class TPRule:
     dim: int | None = None     # None: replicated
     parts: int = 1             # interleaved blocks along dim ([gate; up] -> 2)
-    whole: int | None = None   # groups along dim that a rank must get whole (QKV query groups)
+    whole: int | None = None   # groups along dim that a rank must get whole (query groups, MLA heads)
 
     def check(self, tp: int, key: str) -> None:
         if self.whole is not None and self.whole % tp:

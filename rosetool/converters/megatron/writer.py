@@ -83,7 +83,7 @@ def write_megatron(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtyp
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     args = make_args(ckpt.spec, cfg, layout, env["padded_vocab_size"], env["make_vocab_size_divisible_by"],
                      out_dtype, "torch", legacy=plan.dst_format == "megatron_legacy",
-                     te=plan.dst_format == "megatron_te")
+                     te=plan.dst_format == "megatron_te", where=ckpt.path)
     folder_name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     (folder / TRACKER).write_text(f"{iteration}\n")
     header = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
