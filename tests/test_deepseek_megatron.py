@@ -5,6 +5,7 @@ refusals for what megatron-core cannot express (docs/MEGATRON_DEEPSEEK.md)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,63 @@ def test_tp_must_keep_heads_and_local_down_projections_whole(tp, message, cli, t
     assert res.code == 2 and "Traceback" not in res.err + res.out
     assert message in res.err + res.out, res.err + res.out
     assert cli("convert", "hf-to-megatron", hf, tmp_path / "te", "--tp", 3, "--te-layout").code == 0
+
+
+def test_torch_dist_round_trip_in_transformer_engine_names(case, cli, tmp_path):
+    """What Megatron-LM trains MLA with: the latent norms fused into the up projections, the norm of a dense
+    layer into its fc1, every expert one slice of `experts.experts.linear_fc{1,2}.weight`."""
+    name, hf = case
+    ok(cli, "convert", "hf-to-megatron", hf, tmp_path / "mg", "--format", "torch_dist", "--tp", 2, "--ep", 2)
+    ok(cli, "convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "back")
+    a, b = tensors(hf), tensors(tmp_path / "back")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    from torch.distributed.checkpoint import FileSystemReader
+    stored = FileSystemReader(str(tmp_path / "mg" / "release")).read_metadata().state_dict_metadata
+    names = {re.sub(r"^decoder\.layers\.(\d+\.)?", "", k) for k in stored if "_extra_state" not in k}
+    assert {"input_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight", "pre_mlp_layernorm.weight",
+            "mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight"} <= names, name
+    if CASES[name][1]["q_lora_rank"]:
+        assert "self_attention.linear_q_up_proj.layer_norm_weight" in names, name
+    if CASES[name][1]["first_k_dense_replace"]:
+        assert "mlp.linear_fc1.layer_norm_weight" in names, name
+    assert not any(n.endswith(("kv_layernorm.weight", "q_layernorm.weight")) for n in names), name
+
+
+def test_megatron_core_loads_rosetool_torch_dist_in_local_names(mcore, tmp_path):
+    """megatron-core's dist_checkpointing loads rosetool's torch_dist into the local-spec model it builds from the
+    saved args (the names are the local spec's; everything else is the writer the TE names use)."""
+    from rosetool.converters.api import convert
+    model_type, config = CASES["v3-qlora-groups-yarn"]
+    hf = build(model_type, config, tmp_path / "hf")
+    convert(hf, tmp_path / "mg", "megatron_dist_local")
+    model = ref.load_torch_dist(tmp_path / "mg" / "release")
+    with torch.no_grad():
+        want = load_hf(hf)(IDS).logits
+    torch.testing.assert_close(ref.logits(model, IDS)[..., :VOCAB], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version,q_lora", [(3, True), (2, False)])
+def test_rosetool_reads_a_torch_dist_checkpoint_megatron_core_wrote(version, q_lora, mcore, cli, tmp_path):
+    cfg = hf_config(version, q_lora)
+    hf = hf_model(cfg)
+    args = megatron_args(cfg)
+    args.ckpt_format = "torch_dist"
+    model = ref.build_model(args)
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")},
+                           **to_mcore(hf, cfg)}, strict=True)
+    ref.save_torch_dist(model, args, tmp_path / "mg", 5)
+    assert cli("inspect", tmp_path / "mg").code == 0
+    ok(cli, "convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "back")(IDS).logits, hf(IDS).logits, atol=0, rtol=0)
+    ok(cli, "reshard", tmp_path / "mg", tmp_path / "torch", "--tp", 2)   # local names stay local in torch format
+    assert ref.load_rank(tmp_path / "torch" / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt")[1].keys() >= {
+        "decoder.layers.0.self_attention.kv_layernorm.weight"}
+
+
+def test_verify_runs_the_runtime_on_a_megatron_deepseek_checkpoint(case, cli, tmp_path):
+    """The runtime loads the Megatron folder directly (converted in memory) and matches transformers."""
+    name, hf = case
+    ok(cli, "convert", "hf-to-megatron", hf, tmp_path / "mg", "--tp", 3, "--te-layout")
+    res = cli("verify", tmp_path / "mg", hf, "--json")
+    assert res.code == 0 and json.loads(res.out)["passed"] is True, (name, res.out, res.err)

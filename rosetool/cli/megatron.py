@@ -90,5 +90,6 @@ def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, e
     """Megatron checkpoint -> the same model at another TP/PP/EP layout (same key layout, same iteration)."""
     ckpt = _open(src, vocab_size)
     iteration = ckpt.info.get("iteration", "release")
-    to = "megatron_te" if ckpt.format == "megatron_dist" else ckpt.format   # the output is torch format
+    # the output is torch format, in the spec torch_dist's names came from
+    to = {"megatron_dist": "megatron_te", "megatron_dist_local": "megatron"}.get(ckpt.format, ckpt.format)
     _run(ckpt, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), iteration=iteration)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ..sources import Checkpoint
 
 # key layout -> the checkpoint format that holds it (megatron_dist: torch_dist MoE, experts stacked globally)
-FORMATS = {"megatron": "torch", "megatron_te": "torch", "megatron_legacy": "torch", "megatron_dist": "torch_dist"}
+FORMATS = {"megatron": "torch", "megatron_te": "torch", "megatron_legacy": "torch", "megatron_dist": "torch_dist",
+           "megatron_dist_local": "torch_dist"}
 
 
 def open_megatron(path: Path, vocab_size: int | None = None) -> Checkpoint:

@@ -26,8 +26,10 @@ _LEGACY_ALIASES = [
 # torch_dist holds every expert of a layer in one tensor, by global expert number; rosetool names expert e's
 # slice of it `...weight{e}` (the TE grouped spelling), so specs address experts one by one.
 DIST_EXPERTS = re.compile(r"\.experts\.experts\.linear_fc[12]\.weight(\d*)$")
-FORMAT_MARKERS = [("language_model.", "megatron_legacy"), (".experts.experts.", "megatron_dist"),
-                  (".linear_qkv.layer_norm_weight", "megatron_te"), (".linear_kv_up_proj.layer_norm_weight", "megatron_te")]
+# key layout -> format, first match wins; a tuple needs all its parts (megatron-core's local-spec MLA in torch_dist)
+FORMAT_MARKERS = [("language_model.", "megatron_legacy"), ((".experts.experts.", ".kv_layernorm."), "megatron_dist_local"),
+                  (".experts.experts.", "megatron_dist"), (".linear_qkv.layer_norm_weight", "megatron_te"),
+                  (".linear_kv_up_proj.layer_norm_weight", "megatron_te")]
 
 
 def flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -58,7 +60,7 @@ def normalize(key: str) -> str:
 
 def detect_format(keys: list[str]) -> str:
     for marker, name in FORMAT_MARKERS:
-        if any(marker in k for k in keys):
+        if all(any(part in k for k in keys) for part in ((marker,) if isinstance(marker, str) else marker)):
             return name
     return "megatron"
 
