@@ -192,3 +192,26 @@ def test_settings_the_runtime_lacks_are_refused_by_name(name, cli, tmp_path):
     res = cli("convert", "hf-to-native", hf, tmp_path / "native")
     assert res.code == 2 and message in res.err + res.out, res.err + res.out
     assert "Traceback" not in res.err + res.out and "config.json" in res.err + res.out
+
+
+def test_a_hub_style_config_reads_as_the_model_transformers_builds(cli, tmp_path):
+    """Hub configs of DeepSeek-V3 / Kimi-K2 / Moonlight are transformers 4.x-era: `rope_scaling` with `type`, and the
+    remote code's `scoring_func`, `topk_method`, `moe_layer_freq`, `aux_loss_alpha`, ... all known to rosetool."""
+    config = {**BASE, "q_lora_rank": 20, "n_group": 2, "topk_group": 1, "rope_parameters": YARN}
+    hf = build("deepseek_v3", config, tmp_path / "hf")
+    raw = json.loads((hf / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    hub = {**raw, "rope_theta": rope.pop("rope_theta"), "rope_scaling": {"type": rope.pop("rope_type"), **rope},
+           "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "aux_loss_alpha": 0.001,
+           "seq_aux": True, "ep_size": 1, "num_nextn_predict_layers": 0, "torch_dtype": "bfloat16",
+           "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}}
+    (hf / "config.json").write_text(json.dumps(hub))
+    info = json.loads(cli("inspect", hf, "--json").out)
+    assert info["unknown_config_fields"] == [] and info["config"]["rope_scaling"]["rope_type"] == "yarn"
+    convert(hf, tmp_path / "native", "native")
+    from rosetool.runtime.model import load_model
+    model, _ = load_model(tmp_path / "native", torch.float32)
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    hub_model = load_hf(hf)   # transformers reads the same hub-style file
+    with torch.no_grad():
+        assert (hub_model(tokens).logits - model(tokens)).abs().max() < 1e-4
