@@ -134,6 +134,52 @@ def test_megatron_lm_args_alone_read_back_to_the_same_config(case, tmp_path) -> 
     assert {k: back[k] for k in carried} == {k: written[k] for k in carried}, name
 
 
+FOREIGN = {   # Megatron-LM args with no rosetool fields: what a run of megatron-core itself would save
+    "glm": dict(normalization="RMSNorm", swiglu=True, openai_gelu=False, add_bias_linear=False, add_qkv_bias=True,
+                num_query_groups=2, group_query_attention=True, rotary_percent=0.6, rotary_interleaved=True,
+                layernorm_epsilon=1e-5, untie_embeddings_and_output_weights=True),
+    "gpt_neox": dict(normalization="LayerNorm", swiglu=False, openai_gelu=False, add_bias_linear=True,
+                     add_qkv_bias=False, num_query_groups=4, group_query_attention=False, rotary_percent=0.4,
+                     rotary_interleaved=False, layernorm_epsilon=1e-5, untie_embeddings_and_output_weights=False),
+}
+
+
+def _save_foreign(fields: dict, folder: Path) -> torch.nn.Module:
+    args = argparse.Namespace(
+        num_layers=2, hidden_size=80, ffn_hidden_size=84, num_attention_heads=4, kv_channels=20,
+        max_position_embeddings=128, padded_vocab_size=128, make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, position_embedding_type="rope",
+        rotary_base=10000, qk_layernorm=False, params_dtype=torch.float32, **fields)
+    model = ref.build_model(args)
+    ref.randomise(model)
+    ref.save_torch(model, args, folder, 10)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FOREIGN))
+def test_megatron_core_checkpoint_reads_as_the_family(family, mcore, tmp_path) -> None:
+    """The other direction: megatron-core's own randomised model, saved as Megatron-LM does, exports to an HF
+    folder of the right family that transformers runs with megatron-core's logits."""
+    from transformers import AutoModelForCausalLM
+    model = _save_foreign(FOREIGN[family], tmp_path / "mg")
+    run("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "hf", "--vocab-size", VOCAB)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    # GlmConfig's default pad_token_id (151329) only fits GLM's real vocabulary; Megatron args carry no pad id
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", pad_token_id=0).eval()
+    with torch.no_grad():
+        want = hf(IDS).logits
+    torch.testing.assert_close(ref.logits(model, IDS)[..., :VOCAB], want, atol=1e-4, rtol=0)
+
+
+def test_megatron_core_gelu_rotary_gqa_is_refused(mcore, cli, tmp_path) -> None:
+    """GELU + rotary reads as GPT-NeoX, whose HF config has no K/V head count: GQA would be silently lost."""
+    _save_foreign({**FOREIGN["gpt_neox"], "num_query_groups": 2, "group_query_attention": True}, tmp_path / "mg")
+    res = cli("convert", "megatron-to-hf", tmp_path / "mg", tmp_path / "hf", "--vocab-size", VOCAB)
+    said = (res.err + res.out).strip()
+    assert res.code == 2 and "grouped-query attention matches no supported architecture" in said, said
+    assert len(said.splitlines()) == 1 and not (tmp_path / "hf").exists(), said
+
+
 REFUSED = {   # name -> (model_type, config, what the one line must say)
     "gptj": ("gptj", {**GPTJ, "rotary_dim": 6}, "no parallel attention + MLP block"),
     "phi2": ("phi", {**PHI2, "partial_rotary_factor": 0.4}, "no parallel attention + MLP block"),

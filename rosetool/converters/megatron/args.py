@@ -43,6 +43,9 @@ def spec_for_args(args: Any, where: str) -> ArchSpec:
         qkv_bias_only = getattr(args, "add_qkv_bias", False) and not getattr(args, "add_bias_linear", True)
         return get_spec("qwen2" if qkv_bias_only else "llama")
     if getattr(args, "position_embedding_type", "learned_absolute") == "rope":
+        if getattr(args, "group_query_attention", False) and args.num_query_groups != args.num_attention_heads:
+            raise CheckpointError(f"{where}: a GELU model with rotary positions and grouped-query attention "
+                                  f"matches no supported architecture (GPT-NeoX has one K/V head per query head)")
         return get_spec("gpt_neox")     # LayerNorm + GELU + rotary: sequential GPT-NeoX
     if getattr(args, "position_embedding_type", "learned_absolute") != "learned_absolute":
         raise CheckpointError(f"{where}: non-SwiGLU model with {args.position_embedding_type} positions "
