@@ -218,3 +218,12 @@ def test_help_lists_the_refused_families(cli) -> None:
                  "Gemma 1", "Gemma 2 (no logit soft-capping", "Gemma 3 and GLM-4-0414 (no sandwich norms)",
                  "sequential GPT-NeoX", "Phi-3/Phi-4", "GLM (GlmForCausalLM", "a sliding window shorter"):
         assert said in text, said
+
+
+def test_a_spec_cannot_both_map_and_refuse_a_format() -> None:
+    from rosetool.errors import SpecError
+    from rosetool.mappings.spec import parse_spec
+    text = ("name: t\nconfig: {n: null}\ntensors: {w: [n]}\nformats: {native: {tensors: {w: w}}}\n"
+            "refused: {native: because}\n")
+    with pytest.raises(SpecError, match="refused.native: the format is both mapped and refused"):
+        parse_spec(text, "t.yaml")
