@@ -131,7 +131,7 @@ def build_model(args: Any) -> torch.nn.Module:
         normalization=args.normalization, gated_linear_unit=args.swiglu, activation_func=_activation(args),
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, layernorm_epsilon=args.layernorm_epsilon,
         qk_layernorm=args.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
-        **_moe_config(args), **mla)
+        rotary_interleaved=getattr(args, "rotary_interleaved", False), **_moe_config(args), **mla)
     if cfg.num_moe_experts or mla:    # a block spec, since MoE and dense layers may alternate
         spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=args.normalization)
         for layer in spec.layer_specs if mla else ():
@@ -140,6 +140,7 @@ def build_model(args: Any) -> torch.nn.Module:
         spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     model = GPTModel(cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+                     rotary_percent=getattr(args, "rotary_percent", 1.0),
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                      parallel_output=False)
     return model.eval()

@@ -215,11 +215,3 @@ def test_settings_the_runtime_lacks_are_refused_by_name(name, cli, tmp_path):
     res = cli("convert", "hf-to-native", hf, tmp_path / "native")
     assert res.code == 2 and message in res.err + res.out, res.err + res.out
     assert "Traceback" not in res.err + res.out and "config.json" in res.err + res.out
-
-
-def test_megatron_is_refused_by_name(case, cli, tmp_path):
-    name, hf, _, _ = case
-    res = cli("convert", "hf-to-megatron", hf, tmp_path / "meg")
-    assert res.code == 2 and "Traceback" not in res.err + res.out
-    assert ".yaml: architecture" in res.err + res.out and "no 'megatron' format" in res.err + res.out
-    assert "no parallel attention + MLP block" in " ".join(cli("convert", "hf-to-megatron", "--help").out.split())

@@ -113,7 +113,8 @@ def test_a_rank_peaks_at_about_half_the_model(tmp_path):
 
 def test_slices_of_a_megatron_checkpoint(tmp_path, cli):
     # Two TP files with a padded vocabulary: read whole through the plan (merged, trimmed), then cut.
-    hf = build_hf("llama", tmp_path / "hf", attention_bias=True)
+    # Biases everywhere: megatron-core's add_bias_linear cannot bias the attention output without the MLP.
+    hf = build_hf("llama", tmp_path / "hf", attention_bias=True, mlp_bias=True)
     assert cli("convert", "hf-to-megatron", hf, tmp_path / "meg", "--tp", "2").code == 0
     megatron = check_shards(tmp_path / "meg", 2)
     from_hf = [shard_state(open_checkpoint(hf), r, 2) for r in range(2)]

@@ -55,10 +55,19 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
                    strict: bool = StrictOpt) -> None:
     """HF folder (or any readable checkpoint) -> Megatron-LM checkpoint at the given TP/PP/EP layout.
 
-    Families: GPT-2, the Llama family and the MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE; OLMoE is
-    refused: Megatron normalises q/k per head only). GPT-J, Phi-2 and parallel-residual GPT-NeoX are refused because
-    megatron-core has no parallel attention + MLP block, Gemma 2 because it has no logit soft-capping;
-    Phi-3, Gemma 1/3, GLM and sequential GPT-NeoX are not mapped yet.
+    Families: GPT-2, the Llama family, sequential GPT-NeoX (partial rotary), Phi-3/Phi-4 (partial rotary),
+    GLM (GlmForCausalLM: q/k/v biases, interleaved partial rotary), the MoE family (Mixtral, Qwen2-MoE,
+    Qwen3-MoE) and DeepSeek-V2/V3 (megatron-core's multi-latent attention; torch_dist in Transformer
+    Engine names).
+
+    Refused, each with one line naming what megatron-core 0.16.1's GPTModel lacks: GPT-J, Phi-1/2 and
+    parallel-residual GPT-NeoX (no parallel attention + MLP block); Gemma 1 (no embedding scale by
+    sqrt(hidden)); Gemma 2 (no logit soft-capping, no sandwich norms); Gemma 3 and GLM-4-0414 (no sandwich
+    norms); a sliding window shorter than max_position_embeddings (Mistral, Phi-3: the local attention's
+    fused softmax drops it); OLMoE (q/k norm over all heads); biases on the attention output but not the
+    MLP or the reverse, and activations other than GELU and SwiGLU (Megatron-LM's args cannot say them);
+    DeepSeek with attention biases, rope_interleave false, raw (unnormalised) sigmoid weights, expert-group
+    scores other than megatron-core's sum of the best top-k // topk_group, or rms_norm_eps other than 1e-6.
     """
     if ckpt_format not in ("torch", "torch_dist"):
         raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")

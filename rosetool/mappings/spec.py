@@ -24,7 +24,7 @@ from .ops import OP_BUILDERS
 LAYER = "{i}"
 EXPERT = "{e}"    # the second range: experts, `num_experts` of them
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: specs load in ms
-_TOP_KEYS = {"name", "description", "architecture", "model_type", "config", "tensors", "formats", "variants"}
+_TOP_KEYS = {"name", "description", "architecture", "model_type", "config", "tensors", "formats", "variants", "refused"}
 _FORMAT_KEYS = {"config", "tensors", "ignore", "inert", "unsupported", "params", "key_prefixes", "write"}
 _ENTRY_KEYS = {"from", "ops", "when", "tp"}
 _FIELD_KEYS = {"key", "default", "value", "map", "codec"}
@@ -83,9 +83,14 @@ class ArchSpec:
     config: Mapping[str, Any]          # canonical field -> default (None: required)
     tensors: tuple[Tensor, ...]
     formats: Mapping[str, Format]
+    # format (or format family: `megatron` covers megatron_te, ...) -> why this architecture cannot have it
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     def format(self, name: str) -> Format:
         if name not in self.formats:
+            reason = self.refused.get(name) or self.refused.get(name.split("_")[0])
+            if reason:   # a known limit of the target, said in the user's terms rather than the spec's
+                raise SpecError(f"{self.architecture or self.name} ({self.name}) cannot be written as {name}: {reason}")
             raise SpecError(f"{self.file}: architecture {self.name!r} has no {name!r} format")
         return self.formats[name]
 
@@ -213,8 +218,12 @@ def _parse_arch(chk: _Checker, family: str, variant: str, raw: Mapping[str, Any]
         tensors.append(Tensor(name, tuple(t["shape"]), t.get("when")))
     names = {t.name for t in tensors}
     formats = {f: _parse_format(chk, f, v, config, names) for f, v in (raw.get("formats") or {}).items()}
+    refused = dict(raw.get("refused") or {})
+    for name in refused:
+        if name in formats:
+            chk.fail(f"refused.{name}", "the format is both mapped and refused")
     return ArchSpec(variant, family, chk.file, raw.get("description", ""), raw.get("architecture"),
-                    raw.get("model_type"), config, tuple(tensors), formats)
+                    raw.get("model_type"), config, tuple(tensors), formats, refused)
 
 
 _SHIELDS = {LAYER: "\u00a7i\u00a7", EXPERT: "\u00a7e\u00a7"}   # stand in while YAML parses: braces open flow mappings
@@ -253,7 +262,8 @@ def parse_spec(text: str, file: str) -> list[ArchSpec]:
     for vname, over in variants.items():
         if not isinstance(over, dict):
             chk.fail(f"variants.{vname}", "expected a mapping")
-        chk.keys(f"variants.{vname}", over, {"architecture", "model_type", "description", "config", "formats", "tensors"})
+        chk.keys(f"variants.{vname}", over, {"architecture", "model_type", "description", "config", "formats", "tensors",
+                                                     "refused"})
         out.append(_parse_arch(chk, raw["name"], vname, _deep_merge(base, over)))
     return out
 

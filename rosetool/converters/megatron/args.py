@@ -16,6 +16,7 @@ import torch
 
 from ...errors import CheckpointError, RosetoolError
 from ...canonical import LATENT_NORM_EPS
+from ...mappings import expr
 from ...mappings.spec import ArchSpec, get_spec
 from .layout import Layout
 
@@ -39,11 +40,20 @@ def spec_for_args(args: Any, where: str) -> ArchSpec:
     if getattr(args, "swiglu", False):
         if getattr(args, "qk_layernorm", False):
             return get_spec("qwen3")
+        if getattr(args, "rotary_interleaved", False):     # GLM's pairing of dims (2i, 2i+1)
+            return get_spec("glm")
+        if getattr(args, "rotary_percent", 1.0) < 1.0:     # Phi-4-mini's partial rotate-half rotary
+            return get_spec("phi3")
         qkv_bias_only = getattr(args, "add_qkv_bias", False) and not getattr(args, "add_bias_linear", True)
         return get_spec("qwen2" if qkv_bias_only else "llama")
+    if getattr(args, "position_embedding_type", "learned_absolute") == "rope":
+        if getattr(args, "group_query_attention", False) and args.num_query_groups != args.num_attention_heads:
+            raise CheckpointError(f"{where}: a GELU model with rotary positions and grouped-query attention "
+                                  f"matches no supported architecture (GPT-NeoX has one K/V head per query head)")
+        return get_spec("gpt_neox")     # LayerNorm + GELU + rotary: sequential GPT-NeoX
     if getattr(args, "position_embedding_type", "learned_absolute") != "learned_absolute":
         raise CheckpointError(f"{where}: non-SwiGLU model with {args.position_embedding_type} positions "
-                              f"matches no supported architecture (GPT-2 or the Llama family)")
+                              f"matches no supported architecture (GPT-2, GPT-NeoX or the Llama family)")
     return get_spec("gpt2")
 
 
@@ -52,6 +62,8 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
     saved = dict(getattr(args, "rosetool_config", None) or {})
     if saved:
         return {**saved, **({"vocab_size": vocab_size} if vocab_size else {})}
+    if getattr(args, "window_size", None):
+        raise RosetoolError(f"unsupported Megatron arg window_size={args.window_size!r} (sliding windows are not read)")
     heads = args.num_attention_heads
     rms = getattr(args, "normalization", "LayerNorm") == "RMSNorm"
     bias = getattr(args, "add_bias_linear", True)
@@ -74,6 +86,9 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
         "qkv_bias": bias or getattr(args, "add_qkv_bias", False), "o_bias": bias, "mlp_bias": bias,
         "qk_norm": getattr(args, "qk_layernorm", False),
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
+        # fields only some specs have (the spec drops the rest); megatron-core's block is always sequential
+        "partial_rotary_factor": float(getattr(args, "rotary_percent", 1.0)),
+        "rope_interleaved": bool(getattr(args, "rotary_interleaved", False)), "parallel_residual": False,
         **_moe_config(args),
         **_mla_config(args),
     }
@@ -211,6 +226,7 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         mla, moe = _mla_args(cfg), _moe_args(cfg, layout, te)
     except RosetoolError as exc:
         raise RosetoolError(f"{where}: {spec.name} cannot be written for Megatron: {exc}") from None
+    refuse_inexpressible(spec, cfg)
     return argparse.Namespace(
         **({} if mla else _rope_scaling_args(cfg.get("rope_scaling"))),
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
@@ -222,7 +238,9 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         normalization="RMSNorm" if cfg["norm"] == "rmsnorm" else "LayerNorm", layernorm_epsilon=cfg["norm_eps"],
         swiglu=bool(cfg["glu"]), openai_gelu=cfg["activation"] == "gelu_tanh",
         position_embedding_type="rope" if rope else "learned_absolute", use_rotary_position_embeddings=rope,
-        add_position_embedding=not rope, rotary_base=int(cfg["rope_theta"] or 10000), rotary_percent=1.0,
+        add_position_embedding=not rope, rotary_base=int(cfg["rope_theta"] or 10000),
+        rotary_percent=float(cfg.get("partial_rotary_factor", 1.0)),
+        rotary_interleaved=bool(cfg.get("rope_interleaved")) and not mla,   # MLA pairs its rope dims itself
         untie_embeddings_and_output_weights=not cfg["tie_word_embeddings"],
         add_bias_linear=bool(cfg["o_bias"] and cfg["mlp_bias"]), add_qkv_bias=bool(cfg["qkv_bias"]),
         qk_layernorm=bool(cfg["qk_norm"]) or bool(mla), params_dtype=dtype, fp16=dtype == torch.float16,
@@ -230,6 +248,33 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         transformer_impl="transformer_engine" if te else "local", checkpoint_version=CHECKPOINT_VERSION,
         **moe, **{k: v for k, v in mla.items() if k != "qk_layernorm"},
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
+
+
+def refuse_inexpressible(spec: ArchSpec, cfg: Mapping[str, Any]) -> None:
+    """Refuse, by name, what megatron-core 0.16.1's GPTModel would build differently from the canonical model,
+    before anything is written: a checkpoint it loads strictly but runs with other math is worse than none."""
+    where = f"{spec.architecture or spec.name} ({spec.name}) as Megatron"
+    window = cfg.get("sliding_window")
+    problems = {
+        # TransformerLayer is input_layernorm -> attention -> add -> pre_mlp_layernorm -> MLP -> add, nothing else
+        "parallel_residual": "megatron-core's TransformerLayer has no parallel attention + MLP block",
+        # add_bias_linear biases linear_qkv, linear_proj, fc1 and fc2 together; add_qkv_bias adds QKV alone
+        "o_bias != mlp_bias": "megatron-core's add_bias_linear biases attention output and MLP together",
+        "o_bias and not qkv_bias": "megatron-core's add_bias_linear also biases linear_qkv",
+        "glu and activation != 'silu'": "Megatron-LM's gated MLP is SwiGLU only (--swiglu)",
+        "not glu and activation != 'gelu' and activation != 'gelu_tanh'": "Megatron-LM's plain MLP is GELU (exact, or --openai-gelu)",
+    }
+    for when, why in problems.items():
+        env = {k: cfg.get(k) for k in expr.names(when)}
+        if expr.evaluate(when, env):
+            detail = ", ".join(f"{k}={env[k]!r}" for k in sorted(env))
+            raise RosetoolError(f"{where}: unsupported config {detail}: {why}")
+    # the local spec's attention applies window_size only in its unfused softmax: the fused causal kernel
+    # (fp16/bf16 with masked_softmax_fusion, Megatron-LM's default) ignores it. A window no sequence can
+    # exceed changes nothing, so it is kept (in rosetool_config) rather than refused.
+    if window is not None and window < cfg["max_position_embeddings"]:
+        raise RosetoolError(f"{where}: unsupported config sliding_window={window}: megatron-core's local attention "
+                            f"drops window_size in its fused causal softmax, so the window would be silently lost")
 
 
 def _rope_scaling_args(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
