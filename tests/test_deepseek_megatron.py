@@ -27,6 +27,9 @@ CASES = {
     "v3-direct-tied-dense0": ("deepseek_v3", {**MG, "q_lora_rank": None, "n_group": 1, "topk_group": 1,
                                               "num_experts_per_tok": 2, "first_k_dense_replace": 0,
                                               "tie_word_embeddings": True, "routed_scaling_factor": 1.0}),
+    # rotate-half rope: megatron-core's MLA pairs neighbours, so the rotary rows are paired on the way in
+    "v3-rope-halves": ("deepseek_v3", {**MG, "q_lora_rank": 21, "rope_interleave": False, "n_group": 1,
+                                       "topk_group": 1, "num_experts_per_tok": 2}),
     "v2-greedy": ("deepseek_v2", {**MG, "q_lora_rank": None, "topk_method": "greedy",
                                   "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}),
     "v2-groups-qlora": ("deepseek_v2", {**MG, "q_lora_rank": 18, "topk_method": "group_limited_greedy",
@@ -119,8 +122,6 @@ REFUSED = {   # name -> (model_type, config, what the one-line error names)
                        "builds latent attention's projections without biases"),
     "norm-eps": ("deepseek_v3", {**BASE, "n_group": 1, "topk_group": 1, "rms_norm_eps": 1e-5},
                  "rms_norm_eps=1e-05: megatron-core applies it to the q/kv latent norms too"),
-    "rope-halves": ("deepseek_v3", {**MG, "n_group": 1, "topk_group": 1, "rope_interleave": False},
-                    "rope_interleave=false"),
 }
 
 

@@ -76,3 +76,19 @@ def test_stack_experts(experts, parts, rows, width):
     fused = chain.forward(xs)[0]
     assert torch.equal(fused[experts - 1], torch.cat(xs[-parts:]))
     assert torch.equal(fused.flatten(), torch.cat([x.flatten() for x in xs]))   # inputs end to end in bytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 5), st.integers(1, 4), st.integers(1, 3))
+def test_pair_tail_pairs_the_halves_of_each_blocks_tail(blocks, head, half, width):
+    """Rows [nope | a_0..a_n-1 | b_0..b_n-1] per block become [nope | a_0 b_0 a_1 b_1 ..]; the inverse undoes it."""
+    size = 2 * half
+    x = torch.randn(blocks * (head + size), width)
+    op = build_op({"pair_tail": {"blocks": "h", "size": "r"}}, {"h": blocks, "r": size})
+    (y,) = op.forward([x])
+    for b in range(blocks):
+        src, dst = x[b * (head + size):(b + 1) * (head + size)], y[b * (head + size):(b + 1) * (head + size)]
+        assert torch.equal(dst[:head], src[:head])
+        assert torch.equal(dst[head::2], src[head:head + half]) and torch.equal(dst[head + 1::2], src[head + half:])
+    assert torch.equal(op.inverse([y], [x.shape])[0], x)
+    assert torch.equal(build_op({"pair_tail": {"blocks": 1, "size": 0}}, {}).forward([x])[0], x)

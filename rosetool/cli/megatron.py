@@ -66,7 +66,7 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
     norms); a sliding window shorter than max_position_embeddings (Mistral, Phi-3: the local attention's
     fused softmax drops it); OLMoE (q/k norm over all heads); biases on the attention output but not the
     MLP or the reverse, and activations other than GELU and SwiGLU (Megatron-LM's args cannot say them);
-    DeepSeek with attention biases, rope_interleave false, raw (unnormalised) sigmoid weights, expert-group
+    DeepSeek with attention biases, raw (unnormalised) sigmoid weights, expert-group
     scores other than megatron-core's sum of the best top-k // topk_group, or rms_norm_eps other than 1e-6.
     """
     if ckpt_format not in ("torch", "torch_dist"):

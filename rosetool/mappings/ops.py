@@ -189,7 +189,37 @@ class Stack:
         return [part for expert in ys[0].unbind(0) for part in torch.split(expert, per_expert)]
 
 
-Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat | Stack
+@dataclass(frozen=True)
+class PairTail:
+    """Within each of `blocks` equal row blocks of dim 0, reorder the last `size` rows from halves
+    [a_0 .. a_n-1, b_0 .. b_n-1] to pairs [a_0, b_0, a_1, b_1, ..]: a rotate-half RoPE's rows laid out for a
+    kernel that rotates neighbouring pairs (DeepSeek-V3 with rope_interleave false -> megatron-core's MLA).
+    `size` 0 leaves the tensor as it is."""
+    blocks: int
+    size: int
+
+    def _order(self, rows: int, inverse: bool) -> "torch.Tensor":
+        per_block, half = rows // self.blocks, self.size // 2
+        tail = torch.arange(self.size).view(2, half).t().reshape(-1)
+        if inverse:
+            tail = tail.argsort()
+        block = torch.cat([torch.arange(per_block - self.size), per_block - self.size + tail])
+        return (torch.arange(self.blocks)[:, None] * per_block + block).reshape(-1)
+
+    def forward(self, xs: Tensors) -> Tensors:
+        return [xs[0] if not self.size else xs[0].index_select(0, self._order(xs[0].shape[0], False))]
+
+    def shapes(self, s: Shapes) -> Shapes:
+        rows = s[0][0]
+        if rows % self.blocks or self.size % 2 or self.size > rows // self.blocks:
+            raise ValueError(f"pair_tail of {self.size} rows in {self.blocks} blocks does not fit shape {list(s[0])}")
+        return [s[0]]
+
+    def inverse(self, ys: Tensors, in_shapes: Shapes) -> Tensors:
+        return [ys[0] if not self.size else ys[0].index_select(0, self._order(ys[0].shape[0], True))]
+
+
+Op = Transpose | Concat | Split | Reshape | Permute | Pad | GroupConcat | Stack | PairTail
 
 
 def _ints(value: Any, env: Mapping[str, Any]) -> tuple[int, ...]:
@@ -208,6 +238,7 @@ OP_BUILDERS: dict[str, Callable[[Any, Mapping[str, Any]], Op]] = {
     "group_concat": lambda a, env: GroupConcat(int(evaluate(a, env))),
     "pad": lambda a, env: Pad(int(evaluate(a["size"], env)), int(evaluate(a.get("dim", 0), env))),
     "stack": lambda a, env: Stack(int(evaluate(a if a is not None else 1, env))),
+    "pair_tail": lambda a, env: PairTail(int(evaluate(a["blocks"], env)), int(evaluate(a["size"], env))),
 }
 
 

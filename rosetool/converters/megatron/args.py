@@ -197,9 +197,6 @@ def _mla_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["norm_eps"] != LATENT_NORM_EPS:
         raise RosetoolError(f"rms_norm_eps={cfg['norm_eps']}: megatron-core applies it to the q/kv latent norms "
                             f"too, which DeepSeek fixes at {LATENT_NORM_EPS}")
-    if not cfg["rope_interleaved"]:
-        raise RosetoolError("rope_interleave=false: megatron-core's latent attention rotates interleaved pairs; "
-                            "the row permutation to its layout is not mapped")
     scaling = cfg.get("rope_scaling") or {}
     # Megatron-LM's YaRN args exist whether or not rope_type uses them; its defaults where there is no YaRN
     yarn = {"rope_type": "yarn" if scaling else "rope", "rotary_scaling_factor": scaling.get("factor", 1.0),
