@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ import torch
 pytest.importorskip("megatron.core", reason="CI installs megatron-core==0.16.1; these tests need it")
 
 import megatron_ref as ref
-from test_deepseek import BASE, VOCAB, YARN, build, load_hf, tensors
+from family_checks import tensors
+from test_deepseek import BASE, VOCAB, YARN, build, load_hf
 from test_deepseek_mcore import hf_config, hf_model, megatron_args, to_mcore
 
 IDS = torch.tensor([[0, 5, 17, 90, 42, 3, 64, 8, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9]])

@@ -7,16 +7,15 @@ flag of a family appears both ways across its cases.
 """
 
 import json
-import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import hf_logits, runtime_logits
+from conftest import hf_logits
+from family_checks import (check_bench_offline, check_inspect, check_logits_at_lengths,
+                           check_paged_greedy_equals_hf_generate, check_verify_and_export, convert_case, tensors)
 from rosetool.converters.api import convert
-from rosetool.runtime import LLM, SamplingParams
 
 VOCAB = 96
 NEOX = dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=84, num_hidden_layers=2, num_attention_heads=3,
@@ -102,25 +101,12 @@ def build(model_type, config, folder, seed=0):
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    model_type, config, facts = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    hf = build(model_type, config, root / "hf")
-    convert(hf, root / "native", "native")
-    return request.param, hf, root / "native", facts
-
-
-def tensors(folder):
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return convert_case(request, tmp_path_factory, CASES, build)
 
 
 def test_logits_match_transformers_at_several_lengths(case):
     name, hf, native, _ = case
-    gen = torch.Generator().manual_seed(0)
-    for length in (1, 6, 23, 50):
-        tokens = torch.randint(0, VOCAB, (2, length), generator=gen)
-        ref, got = hf_logits(hf, tokens), runtime_logits(native, tokens)
-        assert (ref - got).abs().max() < 1e-4, (name, length)
-        assert torch.equal(ref.argmax(-1), got.argmax(-1)), (name, length)
+    check_logits_at_lengths(name, lambda tokens: hf_logits(hf, tokens), native, VOCAB)
 
 
 def test_hf_native_hf_is_bit_identical(case, tmp_path):
@@ -142,42 +128,22 @@ def test_hf_native_hf_is_bit_identical(case, tmp_path):
 
 def test_paged_greedy_generation_matches_hf_generate(case):
     name, hf_path, native, _ = case
-    hf = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
-    prompts = [[random.Random(i).randrange(2, VOCAB) for _ in range(n)] for i, n in enumerate([3, 11, 26])]
-    llm = LLM(native, dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)
-        assert out.token_ids == ref[0, len(prompt):].tolist(), (name, len(prompt))
-    assert len({t for out in outs for t in out.token_ids}) > 3, "greedy output too uniform to catch a cache bug"
+    check_paged_greedy_equals_hf_generate(name, AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval(), native, VOCAB)
 
 
 def test_verify_and_export_hf_work_on_the_family(case, cli, tmp_path):
     name, hf, native, _ = case
-    res = cli("verify", hf, native, "--json")
-    assert res.code == 0 and json.loads(res.out)["passed"] is True, (name, res.out, res.err)
-    assert cli("export-hf", native, tmp_path / "export").code == 0
-    assert tensors(tmp_path / "export").keys() == tensors(hf).keys(), name
+    check_verify_and_export(name, cli, hf, native, tmp_path)
 
 
 def test_bench_offline_runs_the_family(case, cli):
     name, _, native, _ = case
-    res = cli("bench", "offline", "--backend", "rosetool", "--model", native, "--num-prompts", "2", "--input-len", "6",
-              "--output-len", "3", "--warmup", "0", "--runs", "1", "--json")
-    assert res.code == 0, (name, res.err)
-    assert json.loads(res.out)["runs"], name
+    check_bench_offline(name, cli, native)
 
 
 def test_inspect_explains_the_family(case, cli):
     name, hf, native, facts = case
-    for path in (hf, native):
-        res = cli("inspect", path)
-        assert res.code == 0, res.err
-        for fact in facts:
-            assert fact in res.out, (name, fact)
-    derived = [json.loads(cli("inspect", p, "--json").out)["derived"] for p in (hf, native)]
-    assert derived[0] == derived[1], name   # the same facts whichever format the model is in
+    check_inspect(name, cli, hf, native, facts)
 
 
 def _longrope(kind):
