@@ -179,3 +179,20 @@ def test_a_hub_style_config_reads_as_the_model_transformers_builds(cli, tmp_path
     hub_model = load_hf(hf)   # transformers reads the same hub-style file
     with torch.no_grad():
         assert (hub_model(tokens).logits - model(tokens)).abs().max() < 1e-4
+
+
+def test_routers_keep_fp32_weights_when_the_model_runs_in_bf16(case):
+    """As transformers does: the rest of the model in bf16, router weight and choice bias exactly as stored."""
+    from rosetool.runtime.model import load_model
+    from rosetool.runtime.moe import Router
+    name, hf, native, _ = case
+    model, _ = load_model(native, torch.bfloat16)
+    stored = tensors(native)
+    routers = [(n, m) for n, m in model.named_modules() if isinstance(m, Router)]
+    assert routers and model.embed.weight.dtype == torch.bfloat16, name
+    for n, router in routers:
+        assert router.weight.dtype == torch.float32 and torch.equal(router.weight, stored[f"{n}.weight"]), name
+        if router.choice_bias is not None:
+            assert torch.equal(router.choice_bias, stored[f"{n}.choice_bias"]), name
+    with torch.no_grad():
+        assert model(torch.tensor([[3, 5, 7]])).dtype == torch.bfloat16

@@ -63,7 +63,21 @@ def build_model(ckpt: Checkpoint, state: dict[str, torch.Tensor], dtype: torch.d
         model = make(args)
     model.load_state_dict(state, strict=True, assign=True)
     dtype = dtype or next(iter(state.values())).dtype
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    _keep_routers_fp32(model, state, device)
+    return model
+
+
+def _keep_routers_fp32(model: Transformer, state: dict[str, torch.Tensor], device: str | torch.device) -> None:
+    """DeepSeek routes in fp32 from fp32 weights (transformers keeps `gate.weight` and the choice bias fp32 in
+    any dtype): rounding them to bf16 with the rest would move expert choices near ties."""
+    from .moe import Router
+    for name, module in model.named_modules():
+        if isinstance(module, Router) and module.args.router_fp32:
+            for param in ("weight", "choice_bias"):
+                if getattr(module, param) is not None:
+                    exact = state[f"{name}.{param}"].to(device=device, dtype=torch.float32)
+                    setattr(module, param, torch.nn.Parameter(exact, requires_grad=False))
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
