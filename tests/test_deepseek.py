@@ -196,3 +196,18 @@ def test_routers_keep_fp32_weights_when_the_model_runs_in_bf16(case):
             assert torch.equal(router.choice_bias, stored[f"{n}.choice_bias"]), name
     with torch.no_grad():
         assert model(torch.tensor([[3, 5, 7]])).dtype == torch.bfloat16
+
+
+def test_a_multi_token_prediction_layer_is_refused_by_name(cli, tmp_path):
+    """DeepSeek-V3's hub checkpoints keep an MTP layer after the last decoder layer; it is named, not just "unexpected"."""
+    from safetensors.torch import save_file
+    hf = build("deepseek_v3", {**BASE, "q_lora_rank": None, "n_group": 1, "topk_group": 1}, tmp_path / "hf")
+    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(45, 90), "model.layers.3.enorm.weight": torch.ones(45)}
+    index = {"metadata": {}, "weight_map": {**{k: "model.safetensors" for k in tensors(hf)},
+                                            **{k: "mtp.safetensors" for k in mtp}}}
+    save_file(mtp, hf / "mtp.safetensors")
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = cli("convert", "hf-to-native", hf, tmp_path / "native")
+    text = res.err + res.out
+    assert res.code == 2 and "mtp.safetensors: tensor 'model.layers.3." in text and "(2 under model.layers.3.*)" in text
+    assert "multi-token-prediction layer" in " ".join(text.split()) and "Traceback" not in text

@@ -152,6 +152,12 @@ def match_source(ckpt: Checkpoint, fmt: Format, steps: list[Step]) -> dict[str, 
         found[s.key] = key
     ignored = {_stored_key(k, ckpt.tensors, fmt.key_prefixes) for k in ignored_keys(fmt, ckpt.config)}
     extra = sorted(set(ckpt.tensors) - set(found.values()) - ignored)
+    for rule in fmt.unexpected:
+        prefix = rule["prefix"].format(**ckpt.config)
+        known = [k for k in extra if k.startswith(prefix)]
+        if known:
+            raise CheckpointError(f"{ckpt.tensors[known[0]].file}: tensor {known[0]!r} ({len(known)} under "
+                                  f"{prefix}*) is {rule['message']}")
     if extra:
         raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r} "
                               f"({len(extra)} unexpected in all) for {ckpt.spec.name}")

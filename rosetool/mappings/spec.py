@@ -25,7 +25,7 @@ LAYER = "{i}"
 EXPERT = "{e}"    # the second range: experts, `num_experts` of them
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: specs load in ms
 _TOP_KEYS = {"name", "description", "architecture", "model_type", "config", "tensors", "formats", "variants", "refused"}
-_FORMAT_KEYS = {"config", "tensors", "ignore", "inert", "unsupported", "params", "key_prefixes", "write"}
+_FORMAT_KEYS = {"config", "tensors", "ignore", "inert", "unsupported", "params", "key_prefixes", "write", "unexpected"}
 _ENTRY_KEYS = {"from", "ops", "when", "tp"}
 _FIELD_KEYS = {"key", "default", "value", "map", "codec"}
 
@@ -62,6 +62,9 @@ class Format:
     params: Mapping[str, Any] = field(default_factory=dict)
     key_prefixes: tuple[str, ...] = ()
     write: Mapping[str, Any] = field(default_factory=dict)
+    # keys a source may hold that no entry maps, and what they are: {prefix: "model.layers.{num_layers}.",
+    # message: ...} (config names in braces), so the refusal says why instead of just "unexpected tensor"
+    unexpected: tuple[Mapping[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,9 +198,13 @@ def _parse_format(chk: _Checker, name: str, raw: Mapping[str, Any], config: Mapp
     ignore = tuple({"key": i} if isinstance(i, str) else i for i in raw.get("ignore") or ())
     for i, rule in enumerate(ignore):
         chk.expression(f"{where}.ignore[{i}]", rule.get("when"), known)
+    unexpected = tuple(raw.get("unexpected") or ())
+    for i, rule in enumerate(unexpected):
+        if not isinstance(rule, dict) or set(rule) != {"prefix", "message"}:
+            chk.fail(f"{where}.unexpected[{i}]", "expected {prefix: ..., message: ...}")
     return Format(name, fields, entries, ignore, frozenset(raw.get("inert") or ()),
                   tuple(raw.get("unsupported") or ()), params, tuple(raw.get("key_prefixes") or ()),
-                  dict(raw.get("write") or {}))
+                  dict(raw.get("write") or {}), unexpected)
 
 
 def default_expr(value: Any) -> Any:

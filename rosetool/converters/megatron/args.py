@@ -285,10 +285,13 @@ def _rope_scaling_args(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def summary(args: Any) -> dict[str, Any]:
     """The args fields `inspect` shows."""
-    names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-             "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "normalization",
-             "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "params_dtype",
-             "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-             "moe_layer_freq", "expert_model_parallel_size")
+    always = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "normalization",
+              "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "params_dtype")
+    if_present = ("rotary_percent", "rotary_interleaved", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                  "moe_shared_expert_intermediate_size", "moe_layer_freq", "expert_model_parallel_size",
+                  "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",
+                  "moe_router_group_topk", "moe_router_topk_scaling_factor", "multi_latent_attention", "q_lora_rank",
+                  "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
     return {n: str(getattr(args, n)) if isinstance(getattr(args, n, None), torch.dtype) else getattr(args, n, None)
-            for n in names if hasattr(args, n) or not n.startswith(("moe_", "num_experts", "expert_"))}
+            for n in always + tuple(n for n in if_present if hasattr(args, n))}
