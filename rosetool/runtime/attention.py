@@ -138,7 +138,8 @@ class PagedAttention:
         if self.use_triton:
             from rosetool.runtime import triton_kernels
 
-            triton_kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            triton_kernels.store_kv(k, None if self.latent else v, k_cache, None if self.latent else v_cache,
+                                    ctx.slot_mapping)
             if ctx.is_decode:
                 out = triton_kernels.paged_decode_attention(
                     q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale, window)

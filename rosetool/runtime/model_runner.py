@@ -36,10 +36,8 @@ class ModelRunner:
             make_weights_column_major(model)        # see runtime/cpu_layout.py: faster decode matmuls
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
         k_cache, v_cache = self._allocate_cache()
-        # the Triton decode kernel has no soft-cap and one head width for K and V: capped models (Gemma 2)
-        # and latent attention (DeepSeek) take the torch path
-        use_triton = (self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
-                      and not self.args.is_mla)
+        # the Triton decode kernel has no soft-cap: capped models (Gemma 2) take the torch path
+        use_triton = self.device.type == "cuda" and triton_available() and self.args.attn_softcap is None
         windows = [self.args.layer_window(i) for i in range(self.args.num_layers)]
         self.attention = PagedAttention(k_cache, v_cache, self.args.attn_scale, windows, use_triton,
                                         self.args.attn_softcap, latent=self.args.is_mla)
