@@ -7,7 +7,6 @@ because they build on `sources` themselves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,12 +36,16 @@ def open_megatron(path: Path, vocab_size: int | None = None) -> Checkpoint:
 
 
 def make_writer(layout: Layout = SINGLE, ckpt_format: str = "torch", **kwargs: Any) -> Callable[..., None]:
-    """An `api.WRITERS` entry; TP=1, PP=1, torch format unless the Megatron CLI asks otherwise."""
-    if ckpt_format == "torch_dist":
-        from .dist_writer import write_megatron_dist
-        return partial(write_megatron_dist, layout=layout, **kwargs)
-    from .writer import write_megatron
-    return partial(write_megatron, layout=layout, **kwargs)
+    """An `api.WRITERS` entry; TP=1, PP=1, torch format unless the Megatron CLI asks otherwise. The writer's
+    module is imported when it first writes: `api` builds these entries at import, and torch_dist's writer
+    pulls in torch.distributed.checkpoint (about a second), which an HF -> native conversion never needs."""
+    def write(*args: Any, **more: Any) -> None:
+        if ckpt_format == "torch_dist":
+            from .dist_writer import write_megatron_dist as writer
+        else:
+            from .writer import write_megatron as writer
+        writer(*args, layout=layout, **kwargs, **more)
+    return write
 
 
 __all__ = ["FORMATS", "Layout", "is_megatron", "make_writer", "open_megatron"]
