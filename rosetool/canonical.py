@@ -230,7 +230,6 @@ class ModelArgs:
         outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if outside:
             raise RosetoolError(f"mlp_only_layers {outside} are not layers of a {self.num_layers}-layer model")
-
         per_group, groups = divmod(self.num_experts, self.expert_groups)
         if groups or not 1 <= self.topk_groups <= self.expert_groups:
             raise RosetoolError(f"{self.num_experts} experts in expert_groups={self.expert_groups} groups, "

@@ -163,7 +163,7 @@ def _v2_groups(key: str) -> Codec:
         method = raw.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
             raise RosetoolError(f"topk_method={method!r} is not implemented for DeepSeek-V2")
-        return raw.get(key) or 1 if method == "group_limited_greedy" else 1
+        return (raw.get(key) or 1) if method == "group_limited_greedy" else 1
 
     def write(value: int, cfg: Mapping[str, Any]) -> dict[str, Any]:
         grouped = cfg["expert_groups"] > 1
@@ -238,8 +238,8 @@ def _resolve_defaults(spec: ArchSpec, cfg: dict[str, Any], where: str) -> dict[s
 
 
 # Canonical fields whose `null` default means "absent", not "required".
-_OPTIONAL = frozenset({"kv_lora_rank", "q_lora_rank", "v_head_dim", "rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
-                       "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types", "rope_local_theta"})
+_OPTIONAL = frozenset({"rope_theta", "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id",
+                       "kv_lora_rank", "q_lora_rank", "v_head_dim", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "layer_types", "rope_local_theta"})
 
 
 def _read_field(f: FieldMap, raw: Mapping[str, Any], where: str) -> Any:

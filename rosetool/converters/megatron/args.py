@@ -109,6 +109,11 @@ def _mla_config(args: Any) -> dict[str, Any]:
             "rope_scaling": scaling, "qk_norm": False, "rope_interleaved": True}
 
 
+# megatron-core scores an expert group by the sum of its best (top-k // group top-k) experts: the canonical
+# group scores it can express, and that count for each
+_GROUP_SCORE_TOP = {"max": 1, "top2_sum": 2}
+
+
 def _moe_config(args: Any) -> dict[str, Any]:
     """Megatron-LM's MoE args -> canonical fields. Routing Megatron does and the runtime does not
     (sigmoid scores, scaled or grouped top-k) is refused by name."""
@@ -119,15 +124,16 @@ def _moe_config(args: Any) -> dict[str, Any]:
     if scoring not in ("softmax", "sigmoid"):
         raise RosetoolError(f"unsupported Megatron arg moe_router_score_function={scoring!r} (not implemented)")
     groups, group_topk = getattr(args, "moe_router_num_groups", None) or 1, getattr(args, "moe_router_group_topk", None) or 1
-    per_group = args.moe_router_topk // group_topk   # megatron-core scores a group by this many of its best, summed
-    if groups > 1 and per_group not in (1, 2):
+    per_group = args.moe_router_topk // group_topk
+    scores = {top: score for score, top in _GROUP_SCORE_TOP.items()}
+    if groups > 1 and per_group not in scores:
         raise RosetoolError(f"Megatron scores expert groups by their best {per_group} experts summed "
-                            f"(moe_router_topk // moe_router_group_topk); the runtime implements 1 and 2")
+                            f"(moe_router_topk // moe_router_group_topk); the runtime implements {sorted(scores)}")
     shared = getattr(args, "moe_shared_expert_intermediate_size", None) or 0
     return {"num_experts": experts, "num_experts_per_tok": args.moe_router_topk,
             "router_scoring": scoring, "router_bias": bool(getattr(args, "moe_router_enable_expert_bias", False)),
             "expert_groups": groups, "topk_groups": group_topk if groups > 1 else 1,
-            "group_score": "top2_sum" if groups > 1 and per_group == 2 else "max",
+            "group_score": scores[per_group] if groups > 1 else "max",
             "routed_scaling_factor": float(getattr(args, "moe_router_topk_scaling_factor", None) or 1.0),
             "moe_intermediate_size": getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
             "shared_expert_intermediate_size": shared,
@@ -179,7 +185,7 @@ def _router_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
                moe_router_topk_scaling_factor=cfg.get("routed_scaling_factor", 1.0)
                if cfg.get("routed_scaling_factor", 1.0) != 1.0 else None)
     if groups > 1:
-        per_group = {"top2_sum": 2, "max": 1}[cfg["group_score"]]
+        per_group = _GROUP_SCORE_TOP[cfg["group_score"]]
         if k // cfg["topk_groups"] != per_group:
             raise RosetoolError(f"megatron-core scores an expert group by its best num_experts_per_tok // "
                                 f"topk_group = {k // cfg['topk_groups']} experts summed; this model's groups "
@@ -220,10 +226,11 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
     cannot express is refused here, before a file is written, naming the source (`where`)."""
     rope = cfg["position"] == "rope"
     try:
-        mla, moe = _mla_args(cfg), _moe_args(cfg, layout, te)
+        mla, moe = _mla_args(cfg), _moe_args(cfg, layout, te)   # their specific reasons before the general ones
+        refuse_inexpressible(cfg)
     except RosetoolError as exc:
-        raise RosetoolError(f"{where}: {spec.name} cannot be written for Megatron: {exc}") from None
-    refuse_inexpressible(spec, cfg)
+        raise RosetoolError(f"{where}: {spec.architecture or spec.name} ({spec.name}) cannot be written for "
+                            f"Megatron: {exc}") from None
     return argparse.Namespace(
         **({} if mla else _rope_scaling_args(cfg.get("rope_scaling"))),
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
@@ -247,10 +254,9 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
 
 
-def refuse_inexpressible(spec: ArchSpec, cfg: Mapping[str, Any]) -> None:
+def refuse_inexpressible(cfg: Mapping[str, Any]) -> None:
     """Refuse, by name, what megatron-core 0.16.1's GPTModel would build differently from the canonical model,
     before anything is written: a checkpoint it loads strictly but runs with other math is worse than none."""
-    where = f"{spec.architecture or spec.name} ({spec.name}) as Megatron"
     window = cfg.get("sliding_window")
     problems = {
         # TransformerLayer is input_layernorm -> attention -> add -> pre_mlp_layernorm -> MLP -> add, nothing else
@@ -265,12 +271,12 @@ def refuse_inexpressible(spec: ArchSpec, cfg: Mapping[str, Any]) -> None:
         env = {k: cfg.get(k) for k in expr.names(when)}
         if expr.evaluate(when, env):
             detail = ", ".join(f"{k}={env[k]!r}" for k in sorted(env))
-            raise RosetoolError(f"{where}: unsupported config {detail}: {why}")
+            raise RosetoolError(f"unsupported config {detail}: {why}")
     # the local spec's attention applies window_size only in its unfused softmax: the fused causal kernel
     # (fp16/bf16 with masked_softmax_fusion, Megatron-LM's default) ignores it. A window no sequence can
     # exceed changes nothing, so it is kept (in rosetool_config) rather than refused.
     if window is not None and window < cfg["max_position_embeddings"]:
-        raise RosetoolError(f"{where}: unsupported config sliding_window={window}: megatron-core's local attention "
+        raise RosetoolError(f"unsupported config sliding_window={window}: megatron-core's local attention "
                             f"drops window_size in its fused causal softmax, so the window would be silently lost")
 
 
