@@ -5,6 +5,10 @@ rosetool's runtime model. Both see the same random token batch; the verdict is m
 against a tolerance scaled by dtype and by the logits' own magnitude. By default each checkpoint runs
 at the dtype it stores and the tolerance is the lower precision's: a bf16 export of an fp32 model
 differs from it by bf16 rounding, which is correct, not a failure.
+
+When exactly one side is quantized (FP8, INT4, MXFP4) its weights differ from the other's by design, so
+max |diff| says little: the verdict is then the per-position cosine of the logits (>= COSINE_PASS), with
+max |diff| and top-1 agreement printed beside it. Two quantized sides compare at the usual tolerance.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .errors import RosetoolError
 
 # dtype -> (absolute, relative to max |logit|)
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
+COSINE_PASS = 0.99
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,6 +47,9 @@ class VerifyResult:
     greedy_agreement: float
     passed: bool
     vocab: int = 0      # logits compared per token: a Megatron side's padded rows are left out
+    min_cosine: float = 1.0
+    criterion: str = "max_abs_diff"   # or "cosine": one side quantized
+    quantized: list[str] | None = None   # each side's quantization scheme, or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +58,7 @@ class VerifyResult:
 def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forward, int, int, str]:
     """-> (tokens -> logits, vocab size, max positions, runner name)."""
     path = resolve_source(path_or_id)
-    if detect_format(path) == "hf":
+    if detect_format(path) == "hf" and quant_scheme(path) is None:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
@@ -66,7 +74,16 @@ def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forw
             or getattr(cfg, "n_positions", 1024), "transformers"
     from .runtime.model import load_model
     model, _ = load_model(path, dtype, device)
-    return model, model.args.vocab_size, model.args.max_position_embeddings, "rosetool"
+    scheme = quant_scheme(path)
+    return model, model.args.vocab_size, model.args.max_position_embeddings, \
+        "rosetool" + (f", {scheme} dequantized exactly" if scheme else "")
+
+
+def quant_scheme(path: Path) -> str | None:
+    """A quantized HF folder runs on rosetool's runtime, dequantized by the published formula: transformers
+    on CPU refuses partial FP8 edge blocks and several schemes."""
+    quant = open_checkpoint(path).info.get("quant")
+    return quant.scheme.label if quant else None
 
 
 def stored_dtype(path: Path) -> torch.dtype:
@@ -107,6 +124,11 @@ def verify(a: str, b: str, dtype: torch.dtype | None = None, device: str = "cpu"
     tol_abs, tol_rel = TOLERANCES[low]
     tol = atol if atol is not None else tol_abs + tol_rel * scale
     agree = (la.argmax(-1) == lb.argmax(-1)).float().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(la, lb, dim=-1).min().item()
+    schemes = [quant_scheme(path_a), quant_scheme(path_b)]
+    lossy = (schemes[0] is None) != (schemes[1] is None)
+    passed = cosine >= COSINE_PASS if lossy else diff.max().item() <= tol
     names = [str(d).removeprefix("torch.") for d in (low, dtype_a, dtype_b)]
     return VerifyResult(str(a), str(b), ra, rb, *names, [batch, seq_len],
-                        diff.max().item(), diff.mean().item(), scale, tol, agree, diff.max().item() <= tol, vocab)
+                        diff.max().item(), diff.mean().item(), scale, tol, agree, passed, vocab, cosine,
+                        "cosine" if lossy else "max_abs_diff", schemes if any(schemes) else None)

@@ -48,7 +48,7 @@ def open_expecting(src: str, expected: str) -> Checkpoint:
 def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
                    force: bool, as_json: bool, params: Optional[dict[str, Any]] = None,
                    writer: Optional[Callable[..., None]] = None, tokenizer: Optional[str] = None,
-                   strict: bool = False) -> ConvertResult:
+                   strict: bool = False, quantize: Any = None) -> ConvertResult:
     """Shared by every direction: progress bar while streaming, a summary table at the end."""
     from ..converters.api import convert
     from ..converters.sinks import parse_size
@@ -62,7 +62,7 @@ def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[st
     with byte_progress(f"converting to {to}") as (set_total, advance):
         result = convert(ckpt, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
                          on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer,
-                         strict=strict)
+                         strict=strict, quantize=quantize)
     report(result, as_json)
     if to == "hf" and not has_tokenizer(Path(dst)):
         err.print(f"[yellow]warning:[/] {dst} has no tokenizer files; vLLM and AutoTokenizer need them: "
@@ -105,8 +105,29 @@ def native_to_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOp
                    tokenizer=tokenizer, strict=strict)
 
 
+QuantizeOpt = typer.Option(None, "--quantize", help="Write FP8 weights vLLM serves: fp8 (128x128 block scales, "
+                           "DeepSeek/vLLM layout) or fp8-channel (compressed-tensors, per-channel scales). Every "
+                           "decoder Linear is quantized; embeddings, lm_head, norms, routers and biases are kept.")
+ScaleFmtOpt = typer.Option(None, "--scale-fmt", help="ue8m0: round fp8 block scales to powers of two "
+                           "(DeepSeek-V3.1's scale_fmt).")
+QuantizeIgnoreOpt = typer.Option(None, "--quantize-ignore", help="Keep modules matching this glob unquantized, "
+                                 "e.g. '*.self_attn.*' (repeatable).")
+ServeTpOpt = typer.Option(None, "--serve-tp", help="Check that every fp8 block weight splits into whole blocks "
+                          "over this many vLLM tensor-parallel ranks; refuse the export otherwise.")
+
+
 def export_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
               max_shard_size: Optional[str] = ShardOpt, tokenizer: Optional[str] = TokenizerOpt,
+              quantize: Optional[str] = QuantizeOpt, scale_fmt: Optional[str] = ScaleFmtOpt,
+              quantize_ignore: Optional[list[str]] = QuantizeIgnoreOpt, serve_tp: Optional[int] = ServeTpOpt,
               force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
-    """Any supported checkpoint -> an HF folder that transformers and vLLM load as is."""
-    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, tokenizer=tokenizer, strict=strict)
+    """Any supported checkpoint -> an HF folder that transformers and vLLM load as is. A quantized source
+    (FP8, INT4, MXFP4) keeps its stored bytes unless --dtype (dequantize) or another --quantize is given."""
+    request = None
+    if quantize is not None:
+        from ..converters.quant.encode import QuantizeRequest
+        request = QuantizeRequest(quantize, scale_fmt, tuple(quantize_ignore or ()), serve_tp)
+    elif scale_fmt or quantize_ignore or serve_tp:
+        raise RosetoolError("--scale-fmt, --quantize-ignore and --serve-tp go with --quantize")
+    run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, tokenizer=tokenizer, strict=strict,
+                   quantize=request)

@@ -36,20 +36,26 @@ def summary(ckpt: Checkpoint) -> dict[str, Any]:
         **family_facts(cfg),
         **_moe_summary(cfg),
     }
+    quant = ckpt.info.get("quant")
     return {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.spec.name,
         "family": ckpt.spec.family, "config": cfg, "derived": family,
         "unknown_config_fields": unknown_fields(ckpt.spec.format(ckpt.format), ckpt.raw_config),
         "parameters": params, "parameters_without_vocab_padding": params - _padding(ckpt),
-        "bytes": ckpt.nbytes, "info": ckpt.info, "ranks": rank_layout(ckpt),
+        "bytes": ckpt.nbytes, "info": {k: v for k, v in ckpt.info.items() if k != "quant"},
+        "quantization": quant.describe(ckpt.nbytes) if quant else None, "ranks": rank_layout(ckpt),
         "tensors": [{"name": k, "shape": list(t.shape), "dtype": _dtype_name(t)}
                     for k, t in sorted(ckpt.tensors.items(), key=lambda kv: _natural(kv[0]))],
     }
 
 
 def _dtype_name(t: Any) -> str:
-    """Safetensors headers name their dtype; asking a torch dtype would import torch for nothing."""
-    return t.dtype_name if isinstance(t, TensorInfo) else str(t.dtype).removeprefix("torch.")
+    """Safetensors headers name their dtype; asking a torch dtype would import torch for nothing. A
+    quantized weight shows what it decodes to and how it is stored."""
+    if isinstance(t, TensorInfo):
+        return t.dtype_name
+    name = str(t.dtype).removeprefix("torch.")
+    return f"{name} <- {t.codec}" if hasattr(t, "codec") else name
 
 
 def _padding(ckpt: Checkpoint) -> int:
@@ -162,6 +168,13 @@ def inspect(path: str = typer.Argument(..., help="Checkpoint folder (HF, native 
         head.add_row(k, str(v))
     if data["unknown_config_fields"]:
         head.add_row("unmapped config", ", ".join(data["unknown_config_fields"]))
+    if data["quantization"]:
+        q = data["quantization"]
+        head.add_row("quantization", f"{q['scheme']}: {q['quantized_tensors']} tensors "
+                     f"({', '.join(q['codecs'])}), {q['quantized_bytes']:,} bytes quantized, "
+                     f"{q['unquantized_bytes']:,} not")
+        if q["left_unquantized_by_config"]:
+            head.add_row("not quantized (config)", ", ".join(q["left_unquantized_by_config"]))
     out.print(head)
     if "megatron" in data["info"]:
         _print_megatron(data)

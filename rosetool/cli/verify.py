@@ -35,10 +35,19 @@ def verify(a: str = typer.Argument(..., help="First checkpoint (HF runs through 
                      ("B", f"{result.b} ({result.runner_b}, {result.dtype_b})"),
                      ("batch", f"{result.tokens[0]} x {result.tokens[1]} tokens, {result.vocab} logits each"),
                      ("max |diff|", f"{result.max_abs_diff:.3e}"), ("mean |diff|", f"{result.mean_abs_diff:.3e}"),
-                     ("tolerance", f"{result.tolerance:.3e} ({how})"),
+                     *_criterion_rows(result, how),
                      ("greedy agreement", f"{result.greedy_agreement:.1%}"),
                      ("verdict", "[green]PASS[/]" if result.passed else "[red]FAIL[/]")]:
             table.add_row(k, v)
         out.print(table)
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _criterion_rows(result, how: str) -> list[tuple[str, str]]:
+    """One side quantized: judged on the logits' cosine (max |diff| is printed, not judged)."""
+    if result.criterion == "cosine":
+        from ..verify import COSINE_PASS
+        return [("min cosine", f"{result.min_cosine:.5f} (pass >= {COSINE_PASS}: one side is quantized, "
+                 f"so its logits differ by design)")]
+    return [("tolerance", f"{result.tolerance:.3e} ({how})"), ("min cosine", f"{result.min_cosine:.5f}")]

@@ -12,12 +12,14 @@ from typing import Any, Callable
 import torch
 
 from ..dtypes import DTYPE_NAMES, parse_dtype
+from ..errors import RosetoolError
 from .config_map import transformers_major, unknown_fields, write_config
 from .execute import execute
 from .finite import scan_alongside
 from .megatron import FORMATS as MEGATRON_FORMATS, make_writer as megatron_writer
 from .outdir import atomic_output
 from .plan import Plan, make_plan
+from .quant.encode import Encoder, EncodingSink, QuantizeRequest, keep_stored, quantize_plan
 from .sinks import DictSink, FolderSink
 from .sources import NATIVE_MARKER, Checkpoint, open_checkpoint
 
@@ -62,17 +64,21 @@ CONFIG_WRITERS: dict[str, Callable[[Checkpoint, torch.dtype], dict[str, Any]]] =
 
 
 def write_folder(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
-                 max_shard_size: int | None, on_tensor: Callable[[int], None] | None) -> None:
+                 max_shard_size: int | None, on_tensor: Callable[[int], None] | None,
+                 encoders: dict[str, Encoder] | None = None) -> None:
     """Safetensors weights + config (+ a generation config derived from it when the source has none)."""
     sink = FolderSink(folder, plan.outputs, max_shard_size)
+    target = EncodingSink(sink, encoders) if encoders else sink
     try:
-        execute(plan, ckpt, sink, dtype, on_tensor)
+        execute(plan, ckpt, target, dtype, on_tensor)
     except BaseException:
         sink.close(complete=False)
         raise
     sink.close()
-    out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
-    config = CONFIG_WRITERS[plan.dst_format](ckpt, out_dtype)
+    model_dtypes = [d for _, d, _ in plan.outputs if d.is_floating_point and d.itemsize > 1]
+    config = CONFIG_WRITERS[plan.dst_format](ckpt, model_dtypes[0] if model_dtypes else torch.float32)
+    if plan.quantization_config:
+        config["quantization_config"] = plan.quantization_config
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if not (folder / "generation_config.json").exists() and _generation_config(ckpt):
         (folder / "generation_config.json").write_text(json.dumps(_generation_config(ckpt), indent=2) + "\n")
@@ -85,20 +91,33 @@ WRITERS: dict[str, Callable[..., None]] = {f: megatron_writer(ckpt_format=c) for
 def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str | None = None,
             max_shard_size: int | None = None, force: bool = False, on_tensor: Callable[[int], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None, params: dict[str, Any] | None = None,
-            writer: Callable[..., None] | None = None, strict: bool = False) -> ConvertResult:
+            writer: Callable[..., None] | None = None, strict: bool = False,
+            quantize: QuantizeRequest | None = None) -> ConvertResult:
     """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`.
     `writer` overrides the registered one (Megatron's, bound to a TP/PP layout); `strict` makes
-    NaN/Inf in the source an error instead of a warning."""
+    NaN/Inf in the source an error instead of a warning. A quantized source is dequantized unless it
+    goes HF -> HF with no `dtype` and no other `quantize`: then its stored bytes are kept as they are."""
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    if quantize is not None and to != "hf":
+        raise RosetoolError("--quantize writes HF folders only (export-hf); Megatron and native hold bf16 weights")
     plan = make_plan(ckpt, to, torch_dtype, params)
+    quant = ckpt.info.get("quant")
+    encoders = None
+    if quant is not None and to == "hf" and ckpt.format == "hf" and torch_dtype is None \
+            and (quantize is None or quantize.matches(quant.scheme)):
+        keep_stored(plan, quant, plan.source_keys)
+    elif quantize is not None:
+        encoders = quantize_plan(plan, quantize)
     if on_plan:
         on_plan(plan)
     with atomic_output(Path(dst), force, ckpt.path) as tmp, \
             scan_alongside(ckpt, dict.fromkeys(plan.source_keys.values()), strict):
-        writer = writer or WRITERS.get(to, write_folder)
-        writer(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
+        if encoders:
+            write_folder(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor, encoders)
+        else:
+            (writer or WRITERS.get(to, write_folder))(ckpt, plan, tmp, torch_dtype, max_shard_size, on_tensor)
         for f in ckpt.extra_files:   # tokenizer, chat template, generation config: every format carries them
             shutil.copy2(f, tmp / f.name)
     fmt = ckpt.spec.format(ckpt.format)

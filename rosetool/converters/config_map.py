@@ -24,6 +24,7 @@ HF_INERT = frozenset({
     "is_decoder", "is_encoder_decoder", "chunk_size_feed_forward", "problem_type", "id2label", "label2id",
     "prefix", "sep_token_id", "decoder_start_token_id", "finetuning_task", "tie_encoder_decoder",
     "pretraining_tp", "max_window_layers", "layer_types", "_attn_implementation_autoset", "auto_map",
+    "quantization_config",   # read by the quantization layer (rosetool.converters.quant), not the spec
 })
 
 

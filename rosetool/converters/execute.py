@@ -96,6 +96,18 @@ def _malloc_trim() -> Callable[[], None]:
 release_freed_memory = _malloc_trim()
 
 
+def _copy_stored(parts: list[tuple[str, object]], ckpt: Checkpoint, sink: Sink) -> int:
+    """An encoded tensor kept as stored: each part (codes, scales) byte for byte."""
+    nbytes = 0
+    for name, info in parts:
+        if getattr(info, "start", None) is not None and hasattr(sink, "copy"):
+            sink.copy(name, [(info.file, info.start, info.nbytes)])
+        else:
+            sink.write(name, ckpt.info["quant"].read_stored(info.name))
+        nbytes += info.nbytes
+    return nbytes
+
+
 def execute(plan: Plan, ckpt: Checkpoint, sink: Sink, dtype: torch.dtype | None = None,
             on_tensor: Callable[[int], None] | None = None) -> None:
     since_trim = 0
@@ -105,6 +117,11 @@ def execute(plan: Plan, ckpt: Checkpoint, sink: Sink, dtype: torch.dtype | None 
         src_dtype = ckpt.tensors[plan.source_keys[group.reads[0].key]].dtype
         slow = []
         for step in group.writes:
+            if step.key in plan.stored:
+                nbytes = _copy_stored(plan.stored[step.key], ckpt, sink)
+                if on_tensor:
+                    on_tensor(nbytes)
+                continue
             byte_ranges = _write_ranges(step, ranges, dtype in (None, src_dtype))
             if byte_ranges is None:
                 slow.append(step)

@@ -30,6 +30,7 @@ _CHUNK = 4 << 20     # two buffers of this (file bytes, masked bits), reused for
 _BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
     torch.float8_e5m2: (torch.uint8, 0x7F, 0x7C),
     torch.float8_e4m3fn: (torch.uint8, 0x7F, 0x7F),   # no Inf; S.1111.111 is its only NaN
+    torch.float8_e8m0fnu: (torch.uint8, 0xFF, 0xFF),  # block exponents: 0xFF is NaN
 }
 
 
@@ -57,6 +58,7 @@ _MASKS: dict[torch.dtype, tuple[type, int]] = {
     torch.float16: (np.uint16, 0x7C00),
     torch.float8_e5m2: (np.uint8, 0x7C),
     torch.float8_e4m3fn: (np.uint8, 0x7F),
+    torch.float8_e8m0fnu: (np.uint8, 0xFF),
 }
 
 
@@ -85,8 +87,15 @@ def _count_in_file(meta: TensorInfo, buf: np.ndarray, scratch: np.ndarray) -> in
     return bad
 
 
+def _stored(meta: object) -> list[object]:
+    """What holds a tensor's bytes: itself, or for a quantized weight its codes and scales (scanned
+    as stored, so the scan never pays for dequantizing)."""
+    parts = getattr(meta, "parts", None)
+    return [info for _, info in parts] if parts is not None else [meta]
+
+
 def _is_raw(meta: object) -> bool:
-    return getattr(meta, "start", None) is not None
+    return all(getattr(m, "start", None) is not None for m in _stored(meta))
 
 
 def _buffers() -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +111,14 @@ def _scan(ckpt: Checkpoint, keys: Iterable[str], stop: threading.Event | None = 
     for key in keys:
         if stop is not None and stop.is_set():
             break
-        meta = ckpt.tensors[key]
-        if not meta.dtype.is_floating_point:
+        top = ckpt.tensors[key]
+        if not _is_raw(top):
+            if top.dtype.is_floating_point and (bad := count_nonfinite(ckpt.read(key))):
+                found.append(f"{top.file}: tensor {key!r} has {bad} NaN/Inf value(s)")
             continue
-        bad = _count_in_file(meta, buf, scratch) if _is_raw(meta) else count_nonfinite(ckpt.read(key))
-        if bad:
-            found.append(f"{meta.file}: tensor {key!r} has {bad} NaN/Inf value(s)")
+        for meta in _stored(top):
+            if meta.dtype.is_floating_point and (bad := _count_in_file(meta, buf, scratch)):
+                found.append(f"{meta.file}: tensor {meta.name!r} has {bad} NaN/Inf value(s)")
     return found
 
 

@@ -49,6 +49,9 @@ class Plan:
     groups: list[Group]
     source_keys: dict[str, str]           # planned key -> key as stored in the source
     outputs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    # written key -> the stored parts (codes, scales) copied as they are (a quantized source kept as is)
+    stored: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
+    quantization_config: dict[str, Any] | None = None   # for the written config.json, when quantized
 
     @property
     def nbytes(self) -> int:

@@ -48,7 +48,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes if isinstance(t, TensorInfo) else t.dtype.itemsize * math.prod(t.shape)
+        return sum(getattr(t, "nbytes", None) or t.dtype.itemsize * math.prod(t.shape)
                    for t in self.tensors.values())
 
 
@@ -193,12 +193,27 @@ def _carried_files(folder: Path) -> list[Path]:
     return [folder / n for n in found]
 
 
+def _decoded_tensors(folder: Path, raw: dict[str, Any]) -> tuple[dict[str, TensorMeta], Callable[[str], torch.Tensor],
+                                                                 dict[str, Any]]:
+    """The stored tensors, with quantized weights shown as the logical tensors they encode (decoded on
+    read into the model's dtype), and what the quantization layer knows for `info`."""
+    from .quant.decode import view
+    from .quant.scheme import read_scheme
+    where = folder / "config.json"
+    scheme = read_scheme(raw, str(where))
+    dtype_name = raw.get("dtype") or raw.get("torch_dtype")
+    dtype = getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32") else torch.bfloat16
+    tensors, read = _open_tensors(folder)
+    tensors, read, quant = view(scheme, tensors, read, where, dtype)
+    return tensors, read, {"quant": quant} if quant else {}
+
+
 def open_hf(folder: Path) -> Checkpoint:
     raw = _load_json(folder / "config.json")
     spec = spec_for_hf(raw.get("architectures"), raw.get("model_type"), str(folder / "config.json"))
     config = read_config(spec, spec.format("hf"), raw, str(folder / "config.json"))
-    tensors, read = _open_tensors(folder)
-    return Checkpoint(folder, "hf", spec, raw, config, tensors, read, _carried_files(folder))
+    tensors, read, info = _decoded_tensors(folder, raw)
+    return Checkpoint(folder, "hf", spec, raw, config, tensors, read, _carried_files(folder), info)
 
 
 def open_native(folder: Path) -> Checkpoint:
@@ -207,7 +222,7 @@ def open_native(folder: Path) -> Checkpoint:
     if not isinstance(raw.get("config", {}), dict):
         raise CheckpointError(f"{folder / 'config.json'}: \"config\" must be a JSON object")
     config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"))
-    tensors, read = _open_tensors(folder)
+    tensors, read, _ = _decoded_tensors(folder, {})   # native weights are never stored quantized
     return Checkpoint(folder, "native", spec, raw, config, tensors, read, _carried_files(folder))
 
 
