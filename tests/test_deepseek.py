@@ -134,8 +134,6 @@ def test_tensor_parallel_is_refused_before_any_process_starts(case, cli):
 
 
 REFUSED = {   # name -> (model_type, config.json edit, what the one-line error must name)
-    "fp8": ("deepseek_v3", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-            "FP8 block-quantized weights"),
     "moe-layer-freq": ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq other than 1"),
     "v2-renormalised": ("deepseek_v2", {"norm_topk_prob": True}, "unsupported norm_topk_prob=True"),
     "v2-noaux": ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc' is not implemented for DeepSeek-V2"),

@@ -229,6 +229,8 @@ def view(scheme: Scheme | None, tensors: dict[str, TensorInfo], read: Callable[[
         return dict(tensors), read, None
     encoded = _encoded(scheme, tensors, read, out)
     _orphans(tensors, encoded)
+    if not encoded:   # a stale quantization_config over bf16 weights (left by some dequantizing scripts)
+        return dict(tensors), read, None
     used = {info.name for enc in encoded.values() for _, info in enc.parts}
     logical: dict[str, object] = {k: v for k, v in tensors.items() if k not in used}
     logical.update(encoded)
