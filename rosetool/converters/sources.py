@@ -197,14 +197,17 @@ def _decoded_tensors(folder: Path, raw: dict[str, Any]) -> tuple[dict[str, Tenso
                                                                  dict[str, Any]]:
     """The stored tensors, with quantized weights shown as the logical tensors they encode (decoded on
     read into the model's dtype), and what the quantization layer knows for `info`."""
-    from .quant.decode import view
-    from .quant.scheme import read_scheme
+    from .quant.scheme import read_scheme, refuse_unscaled_float8
     where = folder / "config.json"
     scheme = read_scheme(raw, str(where))
+    tensors, read = _open_tensors(folder)
+    if scheme is None:
+        refuse_unscaled_float8(tensors, str(where))
+        return tensors, read, {}
+    from .quant.decode import view
     dtype_name = raw.get("dtype") or raw.get("torch_dtype")
     dtype = getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32") else torch.bfloat16
-    tensors, read = _open_tensors(folder)
-    tensors, read, quant = view(scheme, tensors, read, where, dtype)
+    tensors, read, quant = view(scheme, tensors, read, dtype)
     return tensors, read, {"quant": quant} if quant else {}
 
 

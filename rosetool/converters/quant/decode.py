@@ -216,17 +216,9 @@ def _orphans(tensors: dict[str, TensorInfo], encoded: dict[str, Encoded]) -> Non
             raise _bad(info, "is a scale or packed part with no weight it belongs to")
 
 
-def view(scheme: Scheme | None, tensors: dict[str, TensorInfo], read: Callable[[str], torch.Tensor],
-         config_file: Path, out: torch.dtype = torch.bfloat16
-         ) -> tuple[dict[str, object], Callable[[str], torch.Tensor], QuantView | None]:
-    """Logical tensors and their reader. Without a scheme, a float8 tensor is refused by name: its codes
-    read as weights would be off by their missing scale."""
-    if scheme is None:
-        for name, info in tensors.items():
-            if info.dtype in FP8_DTYPES:
-                raise _bad(info, f"is {info.dtype_name}, but {config_file} has no quantization_config "
-                           f"to say how it is scaled")
-        return dict(tensors), read, None
+def view(scheme: Scheme, tensors: dict[str, TensorInfo], read: Callable[[str], torch.Tensor],
+         out: torch.dtype = torch.bfloat16) -> tuple[dict[str, object], Callable[[str], torch.Tensor], QuantView | None]:
+    """Logical tensors and their reader; a scheme that encodes nothing (a stale config) reads as none."""
     encoded = _encoded(scheme, tensors, read, out)
     _orphans(tensors, encoded)
     if not encoded:   # a stale quantization_config over bf16 weights (left by some dequantizing scripts)
