@@ -248,3 +248,15 @@ def test_bad_quantized_inputs_get_one_line_and_write_nothing(deepseek, cli, tmp_
     for w in words:
         assert w in line, (w, line)
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_from_megatron_and_native_equals_fp8_from_hf(qwen3, cli, tmp_path):
+    """The RL path: weights trained in Megatron (any layout) roll out as the same FP8 bytes as from HF."""
+    hf = qwen3[0]
+    assert cli("export-hf", hf, tmp_path / "direct", "--quantize", "fp8").code == 0
+    assert cli("convert", "hf-to-megatron", hf, tmp_path / "meg", "--tp", "2", "--pp", "2").code == 0
+    assert cli("convert", "hf-to-native", hf, tmp_path / "native").code == 0
+    want = tensors(tmp_path / "direct")
+    for src in ("meg", "native"):
+        assert cli("export-hf", tmp_path / src, tmp_path / f"{src}-fp8", "--quantize", "fp8").code == 0
+        _same_bits(tensors(tmp_path / f"{src}-fp8"), want)
