@@ -23,7 +23,7 @@ from test_deepseek_megatron import MG
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -260,3 +260,21 @@ def test_fp8_from_megatron_and_native_equals_fp8_from_hf(qwen3, cli, tmp_path):
     for src in ("meg", "native"):
         assert cli("export-hf", tmp_path / src, tmp_path / f"{src}-fp8", "--quantize", "fp8").code == 0
         _same_bits(tensors(tmp_path / f"{src}-fp8"), want)
+
+
+def test_per_tensor_fp8_with_input_scales_dequantizes_and_keeps(cli, tmp_path):
+    hf = build_hf("qwen2", tmp_path / "hf")
+    expect = quantize_folder(hf, tmp_path / "fp8", scheme="fp8-tensor", input_scale=True)
+    assert cli("export-hf", tmp_path / "fp8", tmp_path / "bf16", "--dtype", "bfloat16").code == 0
+    _same_bits(tensors(tmp_path / "bf16"), expect)                  # input scales are not weights: dropped
+    assert cli("export-hf", tmp_path / "fp8", tmp_path / "kept").code == 0
+    _same_bits(tensors(tmp_path / "kept"), load_file(tmp_path / "fp8" / "model.safetensors"))
+
+
+def test_a_different_fp8_scheme_is_requantized_once_the_same_one_is_copied(deepseek, cli, tmp_path):
+    fp8 = deepseek[1]                                                # 16 x 16 blocks
+    assert cli("export-hf", fp8, tmp_path / "q128", "--quantize", "fp8").code == 0
+    got = tensors(tmp_path / "q128")
+    assert got["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (1, 1)   # 24 x 45 rows
+    assert cli("export-hf", tmp_path / "q128", tmp_path / "again", "--quantize", "fp8").code == 0
+    _same_bits(tensors(tmp_path / "again"), got)
