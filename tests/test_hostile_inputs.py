@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf
+from conftest import FAMILY, build_hf
 
 TO_NATIVE = ("convert", "hf-to-native")
 QKV0, QKV1 = "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"
@@ -242,10 +242,14 @@ def native_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
     return edit_json("config.json", lambda doc: change(doc["config"]))
 
 
+def rope_field(key: str, value: object) -> Callable[[Path], None]:
+    return edit_json("config.json", lambda c: c["rope_parameters"].update({key: value}))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
-    base: str                              # hf, sharded, native or dist
+    base: str                              # hf, sharded, native, dist or rope (Llama 3.2 scaling)
     mutate: Callable[[Path], None]
     fragments: tuple[str, ...]             # each must appear in the one error line
     command: tuple[str, ...] = TO_NATIVE
@@ -358,6 +362,16 @@ CASES = [
     Case("dist-data-path-escape", "dist", metadata_escape, (".metadata", "points outside the checkpoint folder"),
          ("convert", "megatron-to-hf")),
     Case("dist-distcp-truncated", "dist", truncate_distcp, (".distcp", "truncated: tensor"), ("convert", "megatron-to-hf")),
+    # numbers out of range in rope_scaling (a Llama 3.2 config: transformers 5 saves it as rope_parameters)
+    Case("rope-factor-nan", "rope", rope_field("factor", float("nan")),
+         ("config.json", "rope_scaling.factor must be a finite number, got nan")),
+    Case("rope-factor-negative", "rope", rope_field("factor", -4.0), ("config.json", "rope_scaling.factor must be > 0")),
+    Case("rope-factor-inf", "rope", rope_field("factor", float("inf")), ("config.json", "rope_scaling.factor")),
+    Case("rope-original-len-float", "rope", rope_field("original_max_position_embeddings", 32.5),
+         ("config.json", "original_max_position_embeddings must be an integer")),
+    Case("rope-llama3-high-equals-low", "rope", rope_field("high_freq_factor", 1.0),
+         ("config.json", "high_freq_factor=1.0 must be above low_freq_factor=1.0")),
+    Case("rope-factor-string", "rope", rope_field("factor", "8"), ("config.json", "rope_scaling.factor must be a finite")),
 ]
 
 
@@ -370,7 +384,8 @@ def bases(gpt2_hf, tmp_path_factory) -> dict[str, Path]:
     shard(sharded)
     api.convert(gpt2_hf, root / "native", "native")
     _torch_dist(gpt2_hf, root / "dist")
-    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist"}
+    rope = build_hf(FAMILY["llama32"][0], root / "rope", **FAMILY["llama32"][1])
+    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist", "rope": rope}
 
 
 def _torch_dist(src: Path, dst: Path) -> None:
@@ -683,3 +698,24 @@ def test_library_warnings_do_not_reach_the_user(bases, tmp_path, cli, monkeypatc
     lines = [line for line in res.err.splitlines() if line.strip()]
     # the only line allowed is rosetool's own note that the export carries no tokenizer
     assert res.code == 0 and all(line.startswith("warning:") and "no tokenizer files" in line for line in lines), res.err
+
+
+# ---- numbers out of range: one line, exit 2, before anything loads
+
+@pytest.mark.parametrize("flag,value", [("--seed", str(2**64)), ("--seed", "-1"), ("--temperature", "nan"),
+                                        ("--top-p", "inf"), ("--top-k", str(2**70))])
+def test_generate_numbers_out_of_range(bases, cli80, flag, value):
+    res = cli80("generate", bases["hf"], "1 2 3", flag, value, "--device", "cpu")
+    assert res.code == 2, (res.out, res.err)
+    line = one_error_line(res)
+    assert flag.removeprefix("--").replace("-", "_") in line, line
+
+
+def test_sampling_params_refuse_what_torch_cannot_hold():
+    from rosetool.errors import RosetoolError
+    from rosetool.runtime import SamplingParams
+    for bad in [dict(seed=2**64), dict(temperature=float("inf")), dict(top_k=2**63), dict(max_tokens=2**64),
+                dict(stop_token_ids=[2**63]), dict(repetition_penalty=float("nan"))]:
+        with pytest.raises(RosetoolError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1

@@ -196,8 +196,8 @@ def _carried_files(folder: Path) -> list[Path]:
 def open_hf(folder: Path) -> Checkpoint:
     raw = _load_json(folder / "config.json")
     spec = spec_for_hf(raw.get("architectures"), raw.get("model_type"), str(folder / "config.json"))
-    config = read_config(spec, spec.format("hf"), raw, str(folder / "config.json"))
     tensors, read = _open_tensors(folder)
+    config = read_config(spec, spec.format("hf"), raw, str(folder / "config.json"), len(tensors))
     return Checkpoint(folder, "hf", spec, raw, config, tensors, read, _carried_files(folder))
 
 
@@ -206,8 +206,9 @@ def open_native(folder: Path) -> Checkpoint:
     spec = get_spec(raw.get("architecture", ""))
     if not isinstance(raw.get("config", {}), dict):
         raise CheckpointError(f"{folder / 'config.json'}: \"config\" must be a JSON object")
-    config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"))
     tensors, read = _open_tensors(folder)
+    config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"),
+                         len(tensors))
     return Checkpoint(folder, "native", spec, raw, config, tensors, read, _carried_files(folder))
 
 

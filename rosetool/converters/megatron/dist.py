@@ -31,7 +31,8 @@ from torch.distributed.checkpoint.planner_helpers import (
 
 from ...errors import CheckpointError
 from ..config_map import read_config
-from ..plan import expand_format
+from ..counts import check_layer_count
+from ..plan import check_source_counts, expand_format
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
@@ -145,9 +146,11 @@ def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     metadata = read_metadata(folder)
     metas = _index(folder, metadata.state_dict_metadata)
     fmt_name = K.detect_format(list(metas))
+    check_layer_count(getattr(args, "num_layers", None), len(metas), str(folder / "common.pt"))
     spec = spec_for_args(args, str(folder / "common.pt"))
     config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"])}
+    check_source_counts(spec, spec.format(fmt_name), config, params, metas, folder / "common.pt")
     expand_format(spec, spec.format(fmt_name), config, params)   # fail early if the ops do not fit
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":

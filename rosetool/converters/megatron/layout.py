@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ...errors import CheckpointError
 
@@ -26,8 +27,13 @@ class Layout:
         name = f"mp_rank_{tp_rank:02d}" if self.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
         return name if self.ep == 1 else f"{name}_{ep_rank:03d}"
 
-    def ranks(self) -> list[tuple[int, int, int]]:
-        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+    def ranks(self) -> Iterator[tuple[int, int, int]]:
+        """Lazily: a layout is args from a checkpoint, and TP=10^9 must not become a list."""
+        return ((t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp))
+
+    def holds(self, rank: tuple[int, int, int]) -> bool:
+        t, p, e = rank
+        return 0 <= t < self.tp and 0 <= p < self.pp and 0 <= e < self.ep
 
     def experts_per_rank(self, num_experts: int) -> int:
         if num_experts % self.ep:
@@ -100,7 +106,7 @@ def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Pat
         if rank not in found:
             raise CheckpointError(f"{folder / declared.rank_dir(*rank) / RANK_FILE}: missing rank file "
                                   f"(checkpoint declares {what})")
-    extra = sorted(set(found) - set(declared.ranks()))
+    extra = sorted(r for r in found if not declared.holds(r))
     if extra:
         raise CheckpointError(f"{found[extra[0]]}: rank file outside the declared {what}")
     return found
