@@ -217,6 +217,18 @@ def metadata_escape(folder: Path) -> None:
     dump_metadata(folder, md)
 
 
+def drop_chunk(folder: Path) -> None:
+    md = load_metadata(folder)
+    del md.storage_data[next(k for k in md.storage_data if k.fqn == "embedding.word_embeddings.weight")]
+    dump_metadata(folder, md)
+
+
+def zero_records(folder: Path) -> None:
+    """Same size, records replaced: DCP's read fails inside torch (a CheckpointException, a BaseException)."""
+    path = dist_dir(folder) / distcp_name(folder)
+    path.write_bytes(path.read_bytes()[:64] + bytes(path.stat().st_size - 64))
+
+
 def truncate(file: str, keep: float) -> Callable[[Path], None]:
     def run(folder: Path) -> None:
         path = folder / file
@@ -362,6 +374,10 @@ CASES = [
     Case("dist-data-path-escape", "dist", metadata_escape, (".metadata", "points outside the checkpoint folder"),
          ("convert", "megatron-to-hf")),
     Case("dist-distcp-truncated", "dist", truncate_distcp, (".distcp", "truncated: tensor"), ("convert", "megatron-to-hf")),
+    Case("dist-chunk-missing", "dist", drop_chunk, (".metadata", "embedding.word_embeddings.weight",
+                                                    "has no storage record"), ("convert", "megatron-to-hf")),
+    Case("dist-records-replaced", "dist", zero_records, ("release: cannot read tensor", "UnpicklingError"),
+         ("convert", "megatron-to-hf")),
     # numbers out of range in rope_scaling (a Llama 3.2 config: transformers 5 saves it as rope_parameters)
     Case("rope-factor-nan", "rope", rope_field("factor", float("nan")),
          ("config.json", "rope_scaling.factor must be a finite number, got nan")),
@@ -719,3 +735,18 @@ def test_sampling_params_refuse_what_torch_cannot_hold():
         with pytest.raises(RosetoolError, match=next(iter(bad))):
             SamplingParams(**bad)
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_torch_dist_write_failure_is_one_line(bases, tmp_path, cli, monkeypatch):
+    """dcp.save wraps a failure while producing a tensor (here a full disk) in a CheckpointException, a
+    BaseException: it comes back as what it was, one line, exit 2, nothing left beside DST."""
+    import errno
+    from rosetool.converters.megatron import dist_writer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(dist_writer, "_convert", full)
+    dst = tmp_path / "out" / "dst"
+    res = cli("convert", "hf-to-megatron", bases["hf"], dst, "--format", "torch_dist")
+    assert res.code == 2 and one_error_line(res) == f"Error: {os.strerror(errno.ENOSPC)}"
+    assert not dst.exists() and beside(dst) == []

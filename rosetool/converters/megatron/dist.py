@@ -29,13 +29,14 @@ from torch.distributed.checkpoint.planner_helpers import (
     create_read_items_for_chunk_list,
 )
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, RosetoolError
 from ..config_map import read_config
 from ..counts import check_layer_count
 from ..plan import check_source_counts, expand_format
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
+from .dcp_errors import CheckpointException, first_failure, reason
 from .layout import iteration_dir
 from .unpickler import load_dist_metadata, load_rank_file
 
@@ -91,6 +92,10 @@ def read_metadata(folder: Path) -> Metadata:
         if isinstance(stored, TensorStorageMetadata) and not (
                 isinstance(stored.properties.dtype, torch.dtype) and isinstance(stored.size, torch.Size)):
             raise CheckpointError(f"{path}: tensor {fqn!r} has a corrupt entry")
+        for chunk in getattr(stored, "chunks", None) or ():   # DCP would fail with a KeyError mid-read
+            if MetadataIndex(fqn, chunk.offsets) not in md.storage_data:
+                raise CheckpointError(f"{path}: tensor {fqn!r}: its chunk at {list(chunk.offsets)} has no "
+                                      f"storage record")
     for index, where in md.storage_data.items():
         rel = getattr(where, "relative_path", None)
         fqn = getattr(index, "fqn", index)
@@ -114,9 +119,10 @@ def _read(folder: Path, metadata: Metadata, meta: DistTensor) -> torch.Tensor:
             warnings.simplefilter("ignore")
             dcp.load({meta.fqn: out}, storage_reader=_CheckedReader(folder, metadata),
                      planner=_SlicePlanner(meta, metadata.state_dict_metadata[meta.fqn]), no_dist=True)
-    except Exception as exc:   # DCP wraps every reader failure in its own CheckpointException
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason})") from None
+    except (Exception, CheckpointException) as exc:   # DCP wraps reader failures in a BaseException
+        if isinstance(first_failure(exc), RosetoolError):
+            raise first_failure(exc) from None
+        raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason(exc)})") from None
     return out.reshape(meta.shape)
 
 
