@@ -83,12 +83,16 @@ def replace_with_fifo(file: str) -> Callable[[Path], None]:
 
 
 def symlink_outside(file: str) -> Callable[[Path], None]:
-    """`file` becomes a link to a copy of itself just outside the source folder."""
+    """`file` (or folder) becomes a link to a copy of itself just outside the source folder."""
     def run(folder: Path) -> None:
-        outside = folder.parent / f"outside-{file}"
-        shutil.copy(folder / file, outside)
-        (folder / file).unlink()
-        (folder / file).symlink_to(os.path.relpath(outside, folder))
+        outside = folder.parent / f"outside-{Path(file).name}"
+        if (folder / file).is_dir():
+            shutil.copytree(folder / file, outside)
+            shutil.rmtree(folder / file)
+        else:
+            shutil.copy(folder / file, outside)
+            (folder / file).unlink()
+        (folder / file).symlink_to(os.path.relpath(outside, (folder / file).parent))
     return run
 
 
@@ -261,7 +265,7 @@ def rope_field(key: str, value: object) -> Callable[[Path], None]:
 @dataclass(frozen=True)
 class Case:
     id: str
-    base: str                              # hf, sharded, native, dist or rope (Llama 3.2 scaling)
+    base: str                              # hf, sharded, native, dist, mcore (PP=2) or rope (Llama 3.2)
     mutate: Callable[[Path], None]
     fragments: tuple[str, ...]             # each must appear in the one error line
     command: tuple[str, ...] = TO_NATIVE
@@ -374,6 +378,21 @@ CASES = [
     Case("dist-data-path-escape", "dist", metadata_escape, (".metadata", "points outside the checkpoint folder"),
          ("convert", "megatron-to-hf")),
     Case("dist-distcp-truncated", "dist", truncate_distcp, (".distcp", "truncated: tensor"), ("convert", "megatron-to-hf")),
+    # files a Megatron checkpoint names follow the safetensors rule: no symlink out of the checkpoint
+    Case("dist-distcp-link-outside", "dist", lambda f: symlink_outside(f"release/{distcp_name(f)}")(f),
+         (".distcp", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("dist-common-link-outside", "dist", symlink_outside("release/common.pt"),
+         ("common.pt", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("dist-metadata-link-outside", "dist", symlink_outside("release/.metadata"),
+         (".metadata", "leads outside the checkpoint folder"), ("inspect",)),
+    Case("dist-release-link-outside", "dist", symlink_outside("release"),
+         ("release", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("torch-rank-file-link-outside", "mcore", symlink_outside("release/mp_rank_00_001/model_optim_rng.pt"),
+         ("mp_rank_00_001/model_optim_rng.pt", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("torch-rank-dir-link-outside", "mcore", symlink_outside("release/mp_rank_00_000"),
+         ("mp_rank_00_000", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("weights-symlink-loop", "hf", lambda f: ((f / ST).unlink(), (f / ST).symlink_to(ST)),
+         (ST, "cannot resolve the path")),
     Case("dist-chunk-missing", "dist", drop_chunk, (".metadata", "embedding.word_embeddings.weight",
                                                     "has no storage record"), ("convert", "megatron-to-hf")),
     Case("dist-records-replaced", "dist", zero_records, ("release: cannot read tensor", "UnpicklingError"),
@@ -401,7 +420,12 @@ def bases(gpt2_hf, tmp_path_factory) -> dict[str, Path]:
     api.convert(gpt2_hf, root / "native", "native")
     _torch_dist(gpt2_hf, root / "dist")
     rope = build_hf(FAMILY["llama32"][0], root / "rope", **FAMILY["llama32"][1])
-    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist", "rope": rope}
+    from rosetool.cli.app import main
+    with pytest.raises(SystemExit) as exc:   # Megatron torch format, two pipeline stages: mp_rank_00_00{0,1}
+        main(["convert", "hf-to-megatron", str(gpt2_hf), str(root / "mcore"), "--pp", "2"])
+    assert exc.value.code == 0
+    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist", "rope": rope,
+            "mcore": root / "mcore"}
 
 
 def _torch_dist(src: Path, dst: Path) -> None:

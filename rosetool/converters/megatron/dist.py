@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 from ...errors import CheckpointError, RosetoolError
 from ..config_map import read_config
 from ..counts import check_layer_count
+from ..paths import inside
 from ..plan import check_source_counts, expand_format
 from ..sources import Checkpoint
 from . import keys as K
@@ -83,7 +84,7 @@ class _CheckedReader(dcp.FileSystemReader):
 
 def read_metadata(folder: Path) -> Metadata:
     """The `.metadata`, checked before DCP trusts it: the right types, data files inside `folder`."""
-    path = folder / ".metadata"
+    path = inside(folder, ".metadata", folder / ".metadata")
     md = load_dist_metadata(path)
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
@@ -96,6 +97,7 @@ def read_metadata(folder: Path) -> Metadata:
             if MetadataIndex(fqn, chunk.offsets) not in md.storage_data:
                 raise CheckpointError(f"{path}: tensor {fqn!r}: its chunk at {list(chunk.offsets)} has no "
                                       f"storage record")
+    files: set[str] = set()
     for index, where in md.storage_data.items():
         rel = getattr(where, "relative_path", None)
         fqn = getattr(index, "fqn", index)
@@ -103,6 +105,8 @@ def read_metadata(folder: Path) -> Metadata:
                 or not all(isinstance(getattr(where, k, None), int) and getattr(where, k) >= 0
                            for k in ("offset", "length")):
             raise CheckpointError(f"{path}: tensor {fqn!r} points outside the checkpoint folder or at a bad range")
+        if rel not in files:   # a data file symlinked out is refused, as a shard would be
+            files.add(str(inside(folder, rel, folder / rel).name))
         if not (folder / rel).is_file():
             raise CheckpointError(f"{folder / rel}: missing data file for tensor {fqn!r}")
         if where.offset + where.length > (folder / rel).stat().st_size:
@@ -145,7 +149,8 @@ def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
 
 def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     folder, iteration = iteration_dir(root)
-    common = load_rank_file(folder / "common.pt") if (folder / "common.pt").exists() else {}
+    common = load_rank_file(inside(folder, "common.pt", folder / "common.pt")) \
+        if (folder / "common.pt").exists() or (folder / "common.pt").is_symlink() else {}
     args = common.get("args")
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ...errors import CheckpointError
+from ..paths import inside
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -58,13 +59,13 @@ def iteration_dir(root: Path) -> tuple[Path, int | str]:
         return root, _iteration_of(root.name)
     text = tracker.read_text().strip()
     if text == "release":
-        return root / "release", "release"
+        return inside(root, "release", tracker), "release"
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
     folder = root / f"iter_{int(text):07d}"
-    if not folder.is_dir():
+    if not folder.is_dir() and not folder.is_symlink():
         raise CheckpointError(f"{tracker}: names iteration {int(text)}, but {folder.name}/ is missing")
-    return folder, int(text)
+    return inside(root, folder.name, tracker), int(text)
 
 
 def _iteration_of(name: str) -> int | str:
@@ -98,10 +99,10 @@ def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Pat
     found = {}
     for p in sorted(folder.iterdir()):
         rank = _rank_of(p.name, declared)
-        if rank is not None and (p / RANK_FILE).exists():
+        if rank is not None and ((p / RANK_FILE).exists() or (p / RANK_FILE).is_symlink()):
             if rank == (-1, -1, -1) or rank in found:
                 raise CheckpointError(f"{p / RANK_FILE}: rank folder does not fit the declared {what}")
-            found[rank] = p / RANK_FILE
+            found[rank] = inside(folder, f"{p.name}/{RANK_FILE}", p / RANK_FILE)   # as a shard symlinked out
     for rank in declared.ranks():
         if rank not in found:
             raise CheckpointError(f"{folder / declared.rank_dir(*rank) / RANK_FILE}: missing rank file "
@@ -114,6 +115,6 @@ def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Pat
 
 def first_rank_file(folder: Path) -> Path:
     for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
-        if (folder / name / RANK_FILE).exists():
-            return folder / name / RANK_FILE
+        if (folder / name / RANK_FILE).exists() or (folder / name / RANK_FILE).is_symlink():
+            return inside(folder, f"{name}/{RANK_FILE}", folder / name / RANK_FILE)
     raise CheckpointError(f"{folder}: no {RANK_FILE} for TP rank 0 / PP stage 0 (mp_rank_00[_000]/)")
