@@ -111,6 +111,14 @@ def poke(name: str, value: float) -> Callable[[dict], None]:
     return run
 
 
+def cast_stored(name: str, dtype: torch.dtype) -> Callable[[Path], None]:
+    """Tensor `name`, in whichever shard holds it, stored as `dtype`."""
+    def run(folder: Path) -> None:
+        shard_ = next(p.name for p in folder.glob("*.safetensors") if name in load_file(p))
+        tensors(lambda s: s.update({name: s[name].to(dtype)}), shard_)(folder)
+    return run
+
+
 def drop_entry(header: dict) -> None:
     del header["transformer.ln_f.bias"]   # its bytes stay behind: a gap in the data section
 
@@ -397,6 +405,13 @@ CASES = [
                                                     "has no storage record"), ("convert", "megatron-to-hf")),
     Case("dist-records-replaced", "dist", zero_records, ("release: cannot read tensor", "UnpicklingError"),
          ("convert", "megatron-to-hf")),
+    # weights in a dtype no plain checkpoint uses (float8 needs its scales and a quantization_config)
+    Case("float8-in-fp32", "hf", tensors(lambda s: s.update({WPE: s[WPE].to(torch.float8_e4m3fn)})),
+         (ST, WPE, "stored as float8_e4m3fn", "quantization_config")),
+    Case("float8-e5m2-sharded", "sharded", cast_stored(QKV1, torch.float8_e5m2), (QKV1, "stored as float8_e5m2")),
+    Case("int-weights", "hf", tensors(lambda s: s.update({WPE: s[WPE].to(torch.int16)})), (ST, WPE, "stored as int16")),
+    Case("float8-native", "native", tensors(lambda s: s.update({"embed.weight": s["embed.weight"].to(torch.float8_e4m3fn)})),
+         (ST, "embed.weight", "float8_e4m3fn"), ("convert", "native-to-hf")),
     # numbers out of range in rope_scaling (a Llama 3.2 config: transformers 5 saves it as rope_parameters)
     Case("rope-factor-nan", "rope", rope_field("factor", float("nan")),
          ("config.json", "rope_scaling.factor must be a finite number, got nan")),
@@ -759,6 +774,16 @@ def test_sampling_params_refuse_what_torch_cannot_hold():
         with pytest.raises(RosetoolError, match=next(iter(bad))):
             SamplingParams(**bad)
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_quantized_configs_are_left_to_their_scheme():
+    """The dtype rule stands aside when the config declares a quantization scheme (checked elsewhere)."""
+    from types import SimpleNamespace
+    from rosetool.converters.weight_dtypes import check_weight_dtypes
+    tensors_ = {"w": SimpleNamespace(dtype=torch.float8_e4m3fn, file=Path("model.safetensors"))}
+    check_weight_dtypes(tensors_, ["w"], {"quantization_config": {"quant_method": "fp8"}}, "llama")
+    with pytest.raises(Exception, match="'w' is stored as float8_e4m3fn"):
+        check_weight_dtypes(tensors_, ["w"], {}, "llama")
 
 
 def test_torch_dist_write_failure_is_one_line(bases, tmp_path, cli, monkeypatch):

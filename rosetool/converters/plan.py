@@ -21,6 +21,7 @@ from ..mappings.ops import Chain, Shapes, build_op
 from ..mappings.spec import ArchSpec, Format, expand, is_layered, is_per_expert
 from .counts import check_counts
 from .sources import Checkpoint
+from .weight_dtypes import check_weight_dtypes
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def make_plan(ckpt: Checkpoint, dst_format: str, dtype: torch.dtype | None = Non
     check_source_counts(spec, src_fmt, config, ckpt.info.get("params"), ckpt.tensors, ckpt.path)
     reads = expand_format(spec, src_fmt, config, ckpt.info.get("params"))
     source_keys = match_source(ckpt, src_fmt, reads)
+    check_weight_dtypes(ckpt.tensors, source_keys.values(), ckpt.raw_config, spec.name)
     writes = expand_format(spec, spec.format(dst_format), config, dst_params)
     groups = _group(*cancel_equal_chains(reads, writes)) if cancel else _group(reads, writes)
     outputs = []
