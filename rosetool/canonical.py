@@ -98,6 +98,40 @@ FIELDS: dict[str, Field] = {
 }
 
 
+# rope_scaling entries the runtime computes with, and the least each may be: a factor of NaN or -4
+# would otherwise convert and generate garbage (or divide by zero: llama3's high == low).
+ROPE_SCALING_NUMBERS: dict[str, tuple[float, bool]] = {   # name -> (bound, strictly above it)
+    "factor": (0.0, True), "original_max_position_embeddings": (1.0, False), "low_freq_factor": (0.0, True),
+    "high_freq_factor": (0.0, True), "beta_fast": (0.0, True), "beta_slow": (0.0, True),
+    "mscale": (0.0, False), "mscale_all_dim": (0.0, False), "attention_factor": (0.0, True),
+}
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Every number in rope_scaling finite, the ones RoPE divides or scales by in range."""
+    for name, value in scaling.items():
+        if value is None or isinstance(value, bool) or name in ("rope_type", "type"):
+            continue
+        if not _is_number(value):
+            raise RosetoolError(f"config field rope_scaling.{name} must be a finite number, got {value!r}")
+        bound, strict = ROPE_SCALING_NUMBERS.get(name, (-math.inf, False))
+        if value < bound or (strict and value == bound):
+            raise RosetoolError(f"config field rope_scaling.{name} must be {'>' if strict else '>='} {bound:g}, "
+                                f"got {value!r}")
+    if scaling.get("original_max_position_embeddings") is not None \
+            and not _is_int(scaling["original_max_position_embeddings"]):
+        raise RosetoolError("config field rope_scaling.original_max_position_embeddings must be an integer, "
+                            f"got {scaling['original_max_position_embeddings']!r}")
+    needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                               "original_max_position_embeddings")}.get(scaling.get("rope_type"), ())
+    missing = [n for n in needs if scaling.get(n) is None]
+    if missing:
+        raise RosetoolError(f"rope_scaling {scaling.get('rope_type')} needs {', '.join(missing)}")
+    if scaling.get("rope_type") == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise RosetoolError(f"config field rope_scaling.high_freq_factor={scaling['high_freq_factor']} must be "
+                            f"above low_freq_factor={scaling['low_freq_factor']}")
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature for a context stretched `factor` times (1 when not stretched)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -207,6 +241,8 @@ class ModelArgs:
         kind = (self.rope_scaling or {}).get("rope_type")
         if self.rope_scaling and kind not in ROPE_TYPES:
             raise RosetoolError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_scaling:
+            check_rope_scaling(self.rope_scaling)
         if self.qk_norm_full_width and not self.qk_norm:
             raise RosetoolError("qk_norm_full_width says how wide the q/k norm is; it needs qk_norm")
         if self.num_experts:

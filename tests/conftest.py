@@ -94,3 +94,13 @@ def tp_workers() -> list:
     """Tensor-parallel worker processes this process started and has not reaped."""
     import multiprocessing
     return [p for p in multiprocessing.active_children() if p.name.startswith("rosetool-tp-")]
+
+
+@pytest.fixture
+def cli80(cli, monkeypatch):
+    """`cli` at a terminal 80 columns wide, as a newcomer's: help, tables and messages wrap there."""
+    from rosetool.cli import output
+    monkeypatch.setenv("COLUMNS", "80")
+    for console in (output.out, output.err):
+        monkeypatch.setattr(console, "_width", 80)
+    return cli

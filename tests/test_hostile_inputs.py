@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf
+from conftest import FAMILY, build_hf
 
 TO_NATIVE = ("convert", "hf-to-native")
 QKV0, QKV1 = "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"
@@ -83,12 +83,16 @@ def replace_with_fifo(file: str) -> Callable[[Path], None]:
 
 
 def symlink_outside(file: str) -> Callable[[Path], None]:
-    """`file` becomes a link to a copy of itself just outside the source folder."""
+    """`file` (or folder) becomes a link to a copy of itself just outside the source folder."""
     def run(folder: Path) -> None:
-        outside = folder.parent / f"outside-{file}"
-        shutil.copy(folder / file, outside)
-        (folder / file).unlink()
-        (folder / file).symlink_to(os.path.relpath(outside, folder))
+        outside = folder.parent / f"outside-{Path(file).name}"
+        if (folder / file).is_dir():
+            shutil.copytree(folder / file, outside)
+            shutil.rmtree(folder / file)
+        else:
+            shutil.copy(folder / file, outside)
+            (folder / file).unlink()
+        (folder / file).symlink_to(os.path.relpath(outside, (folder / file).parent))
     return run
 
 
@@ -104,6 +108,14 @@ def poke(name: str, value: float) -> Callable[[dict], None]:
     def run(state: dict) -> None:
         state[name] = state[name].clone()
         state[name].view(-1)[3] = value
+    return run
+
+
+def cast_stored(name: str, dtype: torch.dtype) -> Callable[[Path], None]:
+    """Tensor `name`, in whichever shard holds it, stored as `dtype`."""
+    def run(folder: Path) -> None:
+        shard_ = next(p.name for p in folder.glob("*.safetensors") if name in load_file(p))
+        tensors(lambda s: s.update({name: s[name].to(dtype)}), shard_)(folder)
     return run
 
 
@@ -217,6 +229,18 @@ def metadata_escape(folder: Path) -> None:
     dump_metadata(folder, md)
 
 
+def drop_chunk(folder: Path) -> None:
+    md = load_metadata(folder)
+    del md.storage_data[next(k for k in md.storage_data if k.fqn == "embedding.word_embeddings.weight")]
+    dump_metadata(folder, md)
+
+
+def zero_records(folder: Path) -> None:
+    """Same size, records replaced: DCP's read fails inside torch (a CheckpointException, a BaseException)."""
+    path = dist_dir(folder) / distcp_name(folder)
+    path.write_bytes(path.read_bytes()[:64] + bytes(path.stat().st_size - 64))
+
+
 def truncate(file: str, keep: float) -> Callable[[Path], None]:
     def run(folder: Path) -> None:
         path = folder / file
@@ -242,10 +266,14 @@ def native_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
     return edit_json("config.json", lambda doc: change(doc["config"]))
 
 
+def rope_field(key: str, value: object) -> Callable[[Path], None]:
+    return edit_json("config.json", lambda c: c["rope_parameters"].update({key: value}))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
-    base: str                              # hf, sharded, native or dist
+    base: str                              # hf, sharded, native, dist, mcore (PP=2) or rope (Llama 3.2)
     mutate: Callable[[Path], None]
     fragments: tuple[str, ...]             # each must appear in the one error line
     command: tuple[str, ...] = TO_NATIVE
@@ -358,6 +386,42 @@ CASES = [
     Case("dist-data-path-escape", "dist", metadata_escape, (".metadata", "points outside the checkpoint folder"),
          ("convert", "megatron-to-hf")),
     Case("dist-distcp-truncated", "dist", truncate_distcp, (".distcp", "truncated: tensor"), ("convert", "megatron-to-hf")),
+    # files a Megatron checkpoint names follow the safetensors rule: no symlink out of the checkpoint
+    Case("dist-distcp-link-outside", "dist", lambda f: symlink_outside(f"release/{distcp_name(f)}")(f),
+         (".distcp", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("dist-common-link-outside", "dist", symlink_outside("release/common.pt"),
+         ("common.pt", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("dist-metadata-link-outside", "dist", symlink_outside("release/.metadata"),
+         (".metadata", "leads outside the checkpoint folder"), ("inspect",)),
+    Case("dist-release-link-outside", "dist", symlink_outside("release"),
+         ("release", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("torch-rank-file-link-outside", "mcore", symlink_outside("release/mp_rank_00_001/model_optim_rng.pt"),
+         ("mp_rank_00_001/model_optim_rng.pt", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("torch-rank-dir-link-outside", "mcore", symlink_outside("release/mp_rank_00_000"),
+         ("mp_rank_00_000", "leads outside the checkpoint folder"), ("convert", "megatron-to-hf")),
+    Case("weights-symlink-loop", "hf", lambda f: ((f / ST).unlink(), (f / ST).symlink_to(ST)),
+         (ST, "cannot resolve the path")),
+    Case("dist-chunk-missing", "dist", drop_chunk, (".metadata", "embedding.word_embeddings.weight",
+                                                    "has no storage record"), ("convert", "megatron-to-hf")),
+    Case("dist-records-replaced", "dist", zero_records, ("release: cannot read tensor", "UnpicklingError"),
+         ("convert", "megatron-to-hf")),
+    # weights in a dtype no plain checkpoint uses (float8 needs its scales and a quantization_config)
+    Case("float8-in-fp32", "hf", tensors(lambda s: s.update({WPE: s[WPE].to(torch.float8_e4m3fn)})),
+         (ST, WPE, "stored as float8_e4m3fn", "quantization_config")),
+    Case("float8-e5m2-sharded", "sharded", cast_stored(QKV1, torch.float8_e5m2), (QKV1, "stored as float8_e5m2")),
+    Case("int-weights", "hf", tensors(lambda s: s.update({WPE: s[WPE].to(torch.int16)})), (ST, WPE, "stored as int16")),
+    Case("float8-native", "native", tensors(lambda s: s.update({"embed.weight": s["embed.weight"].to(torch.float8_e4m3fn)})),
+         (ST, "embed.weight", "float8_e4m3fn"), ("convert", "native-to-hf")),
+    # numbers out of range in rope_scaling (a Llama 3.2 config: transformers 5 saves it as rope_parameters)
+    Case("rope-factor-nan", "rope", rope_field("factor", float("nan")),
+         ("config.json", "rope_scaling.factor must be a finite number, got nan")),
+    Case("rope-factor-negative", "rope", rope_field("factor", -4.0), ("config.json", "rope_scaling.factor must be > 0")),
+    Case("rope-factor-inf", "rope", rope_field("factor", float("inf")), ("config.json", "rope_scaling.factor")),
+    Case("rope-original-len-float", "rope", rope_field("original_max_position_embeddings", 32.5),
+         ("config.json", "original_max_position_embeddings must be an integer")),
+    Case("rope-llama3-high-equals-low", "rope", rope_field("high_freq_factor", 1.0),
+         ("config.json", "high_freq_factor=1.0 must be above low_freq_factor=1.0")),
+    Case("rope-factor-string", "rope", rope_field("factor", "8"), ("config.json", "rope_scaling.factor must be a finite")),
 ]
 
 
@@ -370,7 +434,13 @@ def bases(gpt2_hf, tmp_path_factory) -> dict[str, Path]:
     shard(sharded)
     api.convert(gpt2_hf, root / "native", "native")
     _torch_dist(gpt2_hf, root / "dist")
-    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist"}
+    rope = build_hf(FAMILY["llama32"][0], root / "rope", **FAMILY["llama32"][1])
+    from rosetool.cli.app import main
+    with pytest.raises(SystemExit) as exc:   # Megatron torch format, two pipeline stages: mp_rank_00_00{0,1}
+        main(["convert", "hf-to-megatron", str(gpt2_hf), str(root / "mcore"), "--pp", "2"])
+    assert exc.value.code == 0
+    return {"hf": gpt2_hf, "sharded": sharded, "native": root / "native", "dist": root / "dist", "rope": rope,
+            "mcore": root / "mcore"}
 
 
 def _torch_dist(src: Path, dst: Path) -> None:
@@ -683,3 +753,49 @@ def test_library_warnings_do_not_reach_the_user(bases, tmp_path, cli, monkeypatc
     lines = [line for line in res.err.splitlines() if line.strip()]
     # the only line allowed is rosetool's own note that the export carries no tokenizer
     assert res.code == 0 and all(line.startswith("warning:") and "no tokenizer files" in line for line in lines), res.err
+
+
+# ---- numbers out of range: one line, exit 2, before anything loads
+
+@pytest.mark.parametrize("flag,value", [("--seed", str(2**64)), ("--seed", "-1"), ("--temperature", "nan"),
+                                        ("--top-p", "inf"), ("--top-k", str(2**70))])
+def test_generate_numbers_out_of_range(bases, cli80, flag, value):
+    res = cli80("generate", bases["hf"], "1 2 3", flag, value, "--device", "cpu")
+    assert res.code == 2, (res.out, res.err)
+    line = one_error_line(res)
+    assert flag.removeprefix("--").replace("-", "_") in line, line
+
+
+def test_sampling_params_refuse_what_torch_cannot_hold():
+    from rosetool.errors import RosetoolError
+    from rosetool.runtime import SamplingParams
+    for bad in [dict(seed=2**64), dict(temperature=float("inf")), dict(top_k=2**63), dict(max_tokens=2**64),
+                dict(stop_token_ids=[2**63]), dict(repetition_penalty=float("nan"))]:
+        with pytest.raises(RosetoolError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_quantized_configs_are_left_to_their_scheme():
+    """The dtype rule stands aside when the config declares a quantization scheme (checked elsewhere)."""
+    from types import SimpleNamespace
+    from rosetool.converters.weight_dtypes import check_weight_dtypes
+    tensors_ = {"w": SimpleNamespace(dtype=torch.float8_e4m3fn, file=Path("model.safetensors"))}
+    check_weight_dtypes(tensors_, ["w"], {"quantization_config": {"quant_method": "fp8"}}, "llama")
+    with pytest.raises(Exception, match="'w' is stored as float8_e4m3fn"):
+        check_weight_dtypes(tensors_, ["w"], {}, "llama")
+
+
+def test_torch_dist_write_failure_is_one_line(bases, tmp_path, cli, monkeypatch):
+    """dcp.save wraps a failure while producing a tensor (here a full disk) in a CheckpointException, a
+    BaseException: it comes back as what it was, one line, exit 2, nothing left beside DST."""
+    import errno
+    from rosetool.converters.megatron import dist_writer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(dist_writer, "_convert", full)
+    dst = tmp_path / "out" / "dst"
+    res = cli("convert", "hf-to-megatron", bases["hf"], dst, "--format", "torch_dist")
+    assert res.code == 2 and one_error_line(res) == f"Error: {os.strerror(errno.ENOSPC)}"
+    assert not dst.exists() and beside(dst) == []

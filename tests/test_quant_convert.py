@@ -229,7 +229,7 @@ BAD = {   # name -> (edit, words the one-line error must hold)
     "negative-scale": (lambda c, s: (c, {**s, KEY + "_scale_inv": -s[KEY + "_scale_inv"]}),
                        [KEY + "_scale_inv", "negative"]),
     "no-config": (lambda c, s: ({k: v for k, v in c.items() if k != "quantization_config"}, s),
-                  ["float8_e4m3fn", "no quantization_config"]),
+                  ["float8_e4m3fn", "quantization_config"]),
     "unknown-method": (lambda c, s: ({**c, "quantization_config": {"quant_method": "hqq"}}, s),
                        ["config.json", "'hqq'", "not supported"]),
     "orphan-scale": (lambda c, s: (c, {**s, "model.layers.0.mlp.extra.weight_scale_inv": torch.ones(1, 1)}),

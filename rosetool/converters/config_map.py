@@ -15,6 +15,7 @@ from ..canonical import ModelArgs, check_fields
 from ..errors import RosetoolError
 from ..mappings import expr
 from ..mappings.spec import ArchSpec, FieldMap, Format, default_expr
+from .counts import check_layer_count
 
 # Keys every HF config may carry that never change a forward pass.
 HF_INERT = frozenset({
@@ -270,9 +271,12 @@ class _Deferred:
     source: str
 
 
-def read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Format config -> canonical config; refuses settings the runtime cannot run, by name."""
-    cfg = _read_config(spec, fmt, raw, where)
+def read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str,
+                tensor_count: int | None = None) -> dict[str, Any]:
+    """Format config -> canonical config; refuses settings the runtime cannot run, by name.
+    `tensor_count` (how many tensors the checkpoint holds) bounds num_layers before any codec builds a
+    per-layer list from it."""
+    cfg = _read_config(spec, fmt, raw, where, tensor_count)
     try:
         ModelArgs.from_dict(cfg)   # the canonical config is the runtime's: what it refuses, we refuse
     except RosetoolError as exc:
@@ -280,14 +284,22 @@ def read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str)
     return cfg
 
 
-def _read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _read_config(spec: ArchSpec, fmt: Format, raw: Mapping[str, Any], where: str,
+                 tensor_count: int | None) -> dict[str, Any]:
     check_supported(fmt, raw, where)
     if fmt.config is None:
         _check_given(raw, where)
+        check_layer_count(raw.get("num_layers"), tensor_count, where)
         return _resolve_defaults(spec, dict(raw), where)
     cfg: dict[str, Any] = {}
-    for f in fmt.config:
+    plain = [f for f in fmt.config if not f.codec]   # codecs may build per-layer lists: plain fields first
+    for f in plain:
         cfg[f.canonical] = _read_field(f, raw, where)
+    _check_given({k: v for k, v in cfg.items() if not isinstance(v, _Deferred)}, where)
+    check_layer_count(cfg.get("num_layers"), tensor_count, where)
+    for f in fmt.config:
+        if f.codec:
+            cfg[f.canonical] = _read_field(f, raw, where)
     deferred = {k: v.source for k, v in cfg.items() if isinstance(v, _Deferred)}
     _check_given({k: v for k, v in cfg.items() if k not in deferred}, where)   # before defaults divide by them
     for k in deferred:

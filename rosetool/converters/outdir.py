@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import RosetoolError, RosetoolWarning
+from .paths import resolved
 
 _LEFTOVER = re.compile(r"\.rosetool-(?:tmp|old)-(\d+)$")
 
 
 def check_destination(dst: Path, force: bool, src: Path | None = None) -> None:
-    if src is not None:
-        real, src = dst.resolve(), src.resolve()
+    if src is not None:   # a symlink DST is replaced, never followed: where it is, not where it leads
+        real = resolved(dst.parent) / dst.name if dst.is_symlink() else resolved(dst)
+        src = resolved(src)
         if real == src or src in real.parents or real in src.parents:
             raise RosetoolError(f"{dst}: destination overlaps the source {src}; rosetool never writes into a source")
     if dst.is_symlink():

@@ -9,6 +9,7 @@ write), so the executor holds one group at a time and memory stays bounded.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -18,7 +19,9 @@ from ..errors import CheckpointError, RosetoolError
 from ..mappings import expr
 from ..mappings.ops import Chain, Shapes, build_op
 from ..mappings.spec import ArchSpec, Format, expand, is_layered, is_per_expert
+from .counts import check_counts
 from .sources import Checkpoint
+from .weight_dtypes import check_weight_dtypes
 
 
 @dataclass(frozen=True)
@@ -211,14 +214,26 @@ def cancel_equal_chains(reads: list[Step], writes: list[Step]) -> tuple[list[Ste
     return reads + aliases, out
 
 
+def check_source_counts(spec: ArchSpec, fmt: Format, config: Mapping[str, Any], params: Mapping[str, Any] | None,
+                        stored: Mapping[str, Any], where: str | Path) -> None:
+    """Layer and expert counts against the tensors a source holds (`stored`: key -> anything with a
+    `.shape`), before a plan is expanded from them (see counts.py)."""
+    def find(key: str) -> tuple[int, ...] | None:
+        hit = _stored_key(key, stored, fmt.key_prefixes)
+        return None if hit is None else tuple(stored[hit].shape)
+    check_counts(spec, fmt, config, format_env(fmt, config, params), find, str(where))
+
+
 def make_plan(ckpt: Checkpoint, dst_format: str, dtype: torch.dtype | None = None,
               dst_params: Mapping[str, Any] | None = None, cancel: bool = True) -> Plan:
     """`cancel=False` keeps every write expressed over canonical tensors (a tensor-parallel rank slices
     those), instead of copying same-layout tensors through as stored."""
     spec, config = ckpt.spec, ckpt.config
     src_fmt = spec.format(ckpt.format)
+    check_source_counts(spec, src_fmt, config, ckpt.info.get("params"), ckpt.tensors, ckpt.path)
     reads = expand_format(spec, src_fmt, config, ckpt.info.get("params"))
     source_keys = match_source(ckpt, src_fmt, reads)
+    check_weight_dtypes(ckpt.tensors, source_keys.values(), ckpt.raw_config, spec.name)
     writes = expand_format(spec, spec.format(dst_format), config, dst_params)
     groups = _group(*cancel_equal_chains(reads, writes)) if cancel else _group(reads, writes)
     outputs = []

@@ -19,6 +19,7 @@ from ..mappings.spec import ArchSpec, get_spec, spec_for_hf
 from .config_map import read_config
 from .megatron import is_megatron, open_megatron
 from ..lazy_torch import torch
+from .paths import inside
 from .safetensors_io import TensorInfo, dtype_code, read_header, read_tensor, require_regular_file
 
 NATIVE_MARKER = "rosetool-native"
@@ -89,21 +90,6 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _roots(folder: Path) -> tuple[Path, ...]:
-    """Where a source's files may live: the folder, and for a huggingface_hub snapshot its `blobs`,
-    which the snapshot's symlinks point into."""
-    root = folder.resolve()
-    return (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
-
-
-def _inside(folder: Path, name: str, listed_in: Path) -> Path:
-    """`folder / name`, refused when a `../`, an absolute path or a symlink would lead out of `folder`."""
-    if not name or os.path.isabs(name) \
-            or not any(root in (folder / name).resolve().parents for root in _roots(folder)):
-        raise CheckpointError(f"{listed_in}: {name!r} leads outside the checkpoint folder {folder}; refused")
-    return folder / name
-
-
 def _weight_map(index: Path) -> dict[str, str]:
     weight_map = _load_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map \
@@ -119,7 +105,7 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
     if weight_map is not None:
         files = sorted(set(weight_map.values()))
         for f in files:
-            if not _inside(folder, f, index).exists():
+            if not inside(folder, f, index).exists():
                 raise CheckpointError(f"{index}: lists shard {f}, which is missing")
     else:
         files = ["model.safetensors"] if (folder / "model.safetensors").exists() else \
@@ -128,7 +114,7 @@ def _safetensors_tensors(folder: Path) -> dict[str, TensorInfo] | None:
         return None
     out: dict[str, TensorInfo] = {}
     for f in files:
-        for name, info in read_header(_inside(folder, f, index if weight_map else folder))[0].items():
+        for name, info in read_header(inside(folder, f, index if weight_map else folder))[0].items():
             if name in out:
                 raise CheckpointError(f"{info.file}: tensor {name!r} is also stored in {out[name].file.name}")
             if weight_map is not None and weight_map.get(name) != f:
@@ -189,7 +175,7 @@ def _carried_files(folder: Path) -> list[Path]:
     names = TOKENIZER_FILES + ("generation_config.json",)
     found = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
     for n in found:
-        require_regular_file(_inside(folder, n, folder / n))
+        require_regular_file(inside(folder, n, folder / n))
     return [folder / n for n in found]
 
 
@@ -197,7 +183,8 @@ def _decoded_tensors(folder: Path, raw: dict[str, Any]) -> tuple[dict[str, Tenso
                                                                  dict[str, Any]]:
     """The stored tensors, with quantized weights shown as the logical tensors they encode (decoded on
     read into the model's dtype), and what the quantization layer knows for `info`."""
-    from .quant.scheme import read_scheme, refuse_unscaled_float8
+    from .quant.scheme import read_scheme
+    from .weight_dtypes import refuse_unscaled_float8
     where = folder / "config.json"
     scheme = read_scheme(raw, str(where))
     tensors, read = _open_tensors(folder)
@@ -214,8 +201,8 @@ def _decoded_tensors(folder: Path, raw: dict[str, Any]) -> tuple[dict[str, Tenso
 def open_hf(folder: Path) -> Checkpoint:
     raw = _load_json(folder / "config.json")
     spec = spec_for_hf(raw.get("architectures"), raw.get("model_type"), str(folder / "config.json"))
-    config = read_config(spec, spec.format("hf"), raw, str(folder / "config.json"))
     tensors, read, info = _decoded_tensors(folder, raw)
+    config = read_config(spec, spec.format("hf"), raw, str(folder / "config.json"), len(tensors))
     return Checkpoint(folder, "hf", spec, raw, config, tensors, read, _carried_files(folder), info)
 
 
@@ -224,8 +211,9 @@ def open_native(folder: Path) -> Checkpoint:
     spec = get_spec(raw.get("architecture", ""))
     if not isinstance(raw.get("config", {}), dict):
         raise CheckpointError(f"{folder / 'config.json'}: \"config\" must be a JSON object")
-    config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"))
-    tensors, read, _ = _decoded_tensors(folder, {})   # native weights are never stored quantized
+    tensors, read = _open_tensors(folder)   # native weights are never stored quantized
+    config = read_config(spec, spec.format("native"), raw.get("config", {}), str(folder / "config.json"),
+                         len(tensors))
     return Checkpoint(folder, "native", spec, raw, config, tensors, read, _carried_files(folder))
 
 

@@ -81,8 +81,17 @@ class ModelRunner:
     def _default_num_blocks(self) -> int:
         one_seq = self._blocks_for(self._model_len_limit())
         if self.device.type == "cuda":
-            return max(one_seq, self._cuda_free_blocks())
+            return self._cuda_blocks()
         return self._cpu_blocks(one_seq)
+
+    def _cuda_blocks(self) -> int:
+        """What fits, never one full context more: max_position_embeddings is a config's word, and a pool
+        sized from 10^12 of them would be an out-of-memory error instead of a lowered max_model_len."""
+        fits = self._cuda_free_blocks()
+        if fits < 1:
+            raise RosetoolError("LLM: not enough free GPU memory for one KV block "
+                                f"({self._block_bytes():,} bytes); lower block_size or free memory")
+        return fits
 
     def _cpu_blocks(self, one_seq: int) -> int:
         """Like `gpu_memory_utilization` on CUDA: that fraction of available memory, capped by what
@@ -92,7 +101,7 @@ class ModelRunner:
         if fits < 1:
             raise RosetoolError("LLM: not enough free memory for one KV block "
                                 f"({self._block_bytes():,} bytes); lower block_size or free memory")
-        return min(fits, self.config.max_num_seqs * one_seq)
+        return fits
 
     @torch.inference_mode()
     def _cuda_free_blocks(self) -> int:

@@ -95,7 +95,7 @@ def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
     logits = logits / temperature[:, None]
     if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs],
+        top_k = torch.tensor([min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs],
                              device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], device=device)

@@ -29,12 +29,15 @@ from torch.distributed.checkpoint.planner_helpers import (
     create_read_items_for_chunk_list,
 )
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, RosetoolError
 from ..config_map import read_config
-from ..plan import expand_format
+from ..counts import check_layer_count
+from ..paths import inside
+from ..plan import check_source_counts, expand_format
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
+from .dcp_errors import CheckpointException, first_failure, reason
 from .layout import iteration_dir
 from .unpickler import load_dist_metadata, load_rank_file
 
@@ -81,7 +84,7 @@ class _CheckedReader(dcp.FileSystemReader):
 
 def read_metadata(folder: Path) -> Metadata:
     """The `.metadata`, checked before DCP trusts it: the right types, data files inside `folder`."""
-    path = folder / ".metadata"
+    path = inside(folder, ".metadata", folder / ".metadata")
     md = load_dist_metadata(path)
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
@@ -90,6 +93,11 @@ def read_metadata(folder: Path) -> Metadata:
         if isinstance(stored, TensorStorageMetadata) and not (
                 isinstance(stored.properties.dtype, torch.dtype) and isinstance(stored.size, torch.Size)):
             raise CheckpointError(f"{path}: tensor {fqn!r} has a corrupt entry")
+        for chunk in getattr(stored, "chunks", None) or ():   # DCP would fail with a KeyError mid-read
+            if MetadataIndex(fqn, chunk.offsets) not in md.storage_data:
+                raise CheckpointError(f"{path}: tensor {fqn!r}: its chunk at {list(chunk.offsets)} has no "
+                                      f"storage record")
+    files: set[str] = set()
     for index, where in md.storage_data.items():
         rel = getattr(where, "relative_path", None)
         fqn = getattr(index, "fqn", index)
@@ -97,6 +105,8 @@ def read_metadata(folder: Path) -> Metadata:
                 or not all(isinstance(getattr(where, k, None), int) and getattr(where, k) >= 0
                            for k in ("offset", "length")):
             raise CheckpointError(f"{path}: tensor {fqn!r} points outside the checkpoint folder or at a bad range")
+        if rel not in files:   # a data file symlinked out is refused, as a shard would be
+            files.add(str(inside(folder, rel, folder / rel).name))
         if not (folder / rel).is_file():
             raise CheckpointError(f"{folder / rel}: missing data file for tensor {fqn!r}")
         if where.offset + where.length > (folder / rel).stat().st_size:
@@ -113,9 +123,10 @@ def _read(folder: Path, metadata: Metadata, meta: DistTensor) -> torch.Tensor:
             warnings.simplefilter("ignore")
             dcp.load({meta.fqn: out}, storage_reader=_CheckedReader(folder, metadata),
                      planner=_SlicePlanner(meta, metadata.state_dict_metadata[meta.fqn]), no_dist=True)
-    except Exception as exc:   # DCP wraps every reader failure in its own CheckpointException
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason})") from None
+    except (Exception, CheckpointException) as exc:   # DCP wraps reader failures in a BaseException
+        if isinstance(first_failure(exc), RosetoolError):
+            raise first_failure(exc) from None
+        raise CheckpointError(f"{folder}: cannot read tensor {meta.name!r} ({reason(exc)})") from None
     return out.reshape(meta.shape)
 
 
@@ -138,16 +149,19 @@ def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
 
 def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     folder, iteration = iteration_dir(root)
-    common = load_rank_file(folder / "common.pt") if (folder / "common.pt").exists() else {}
+    common = load_rank_file(inside(folder, "common.pt", folder / "common.pt")) \
+        if (folder / "common.pt").exists() or (folder / "common.pt").is_symlink() else {}
     args = common.get("args")
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")
     metadata = read_metadata(folder)
     metas = _index(folder, metadata.state_dict_metadata)
     fmt_name = K.detect_format(list(metas))
+    check_layer_count(getattr(args, "num_layers", None), len(metas), str(folder / "common.pt"))
     spec = spec_for_args(args, str(folder / "common.pt"))
     config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"])}
+    check_source_counts(spec, spec.format(fmt_name), config, params, metas, folder / "common.pt")
     expand_format(spec, spec.format(fmt_name), config, params)   # fail early if the ops do not fit
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":

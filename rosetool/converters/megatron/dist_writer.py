@@ -38,6 +38,7 @@ from ..sinks import DictSink
 from ..sources import Checkpoint
 from . import keys as K
 from .args import CHECKPOINT_VERSION, make_args
+from .dcp_errors import CheckpointException, first_failure
 from .layout import SINGLE, TRACKER, Layout
 
 METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
@@ -140,7 +141,10 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
         return tensor.view(item.tensor_data.chunk.sizes)
 
     writer = dcp.FileSystemWriter(target, single_file_per_rank=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_ConvertingPlanner(items, produce), no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_ConvertingPlanner(items, produce), no_dist=True)
+    except CheckpointException as exc:   # a BaseException: give back what failed (bad input, full disk, a bug)
+        raise first_failure(exc) from None
     (folder / TRACKER).write_text(f"{iteration}\n")
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ...errors import CheckpointError
+from ..paths import inside
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -26,8 +28,13 @@ class Layout:
         name = f"mp_rank_{tp_rank:02d}" if self.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
         return name if self.ep == 1 else f"{name}_{ep_rank:03d}"
 
-    def ranks(self) -> list[tuple[int, int, int]]:
-        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+    def ranks(self) -> Iterator[tuple[int, int, int]]:
+        """Lazily: a layout is args from a checkpoint, and TP=10^9 must not become a list."""
+        return ((t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp))
+
+    def holds(self, rank: tuple[int, int, int]) -> bool:
+        t, p, e = rank
+        return 0 <= t < self.tp and 0 <= p < self.pp and 0 <= e < self.ep
 
     def experts_per_rank(self, num_experts: int) -> int:
         if num_experts % self.ep:
@@ -52,13 +59,13 @@ def iteration_dir(root: Path) -> tuple[Path, int | str]:
         return root, _iteration_of(root.name)
     text = tracker.read_text().strip()
     if text == "release":
-        return root / "release", "release"
+        return inside(root, "release", tracker), "release"
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
     folder = root / f"iter_{int(text):07d}"
-    if not folder.is_dir():
+    if not folder.is_dir() and not folder.is_symlink():
         raise CheckpointError(f"{tracker}: names iteration {int(text)}, but {folder.name}/ is missing")
-    return folder, int(text)
+    return inside(root, folder.name, tracker), int(text)
 
 
 def _iteration_of(name: str) -> int | str:
@@ -92,15 +99,15 @@ def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Pat
     found = {}
     for p in sorted(folder.iterdir()):
         rank = _rank_of(p.name, declared)
-        if rank is not None and (p / RANK_FILE).exists():
+        if rank is not None and ((p / RANK_FILE).exists() or (p / RANK_FILE).is_symlink()):
             if rank == (-1, -1, -1) or rank in found:
                 raise CheckpointError(f"{p / RANK_FILE}: rank folder does not fit the declared {what}")
-            found[rank] = p / RANK_FILE
+            found[rank] = inside(folder, f"{p.name}/{RANK_FILE}", p / RANK_FILE)   # as a shard symlinked out
     for rank in declared.ranks():
         if rank not in found:
             raise CheckpointError(f"{folder / declared.rank_dir(*rank) / RANK_FILE}: missing rank file "
                                   f"(checkpoint declares {what})")
-    extra = sorted(set(found) - set(declared.ranks()))
+    extra = sorted(r for r in found if not declared.holds(r))
     if extra:
         raise CheckpointError(f"{found[extra[0]]}: rank file outside the declared {what}")
     return found
@@ -108,6 +115,6 @@ def rank_files(folder: Path, declared: Layout) -> dict[tuple[int, int, int], Pat
 
 def first_rank_file(folder: Path) -> Path:
     for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
-        if (folder / name / RANK_FILE).exists():
-            return folder / name / RANK_FILE
+        if (folder / name / RANK_FILE).exists() or (folder / name / RANK_FILE).is_symlink():
+            return inside(folder, f"{name}/{RANK_FILE}", folder / name / RANK_FILE)
     raise CheckpointError(f"{folder}: no {RANK_FILE} for TP rank 0 / PP stage 0 (mp_rank_00[_000]/)")

@@ -18,7 +18,8 @@ import torch
 from ...errors import CheckpointError
 from ...mappings.spec import ArchSpec, Format
 from ..config_map import read_config
-from ..plan import expand_format, format_env
+from ..counts import check_layer_count
+from ..plan import check_source_counts, expand_format, format_env
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
@@ -135,6 +136,7 @@ def open_megatron_torch(root: Path, vocab_size: int | None = None) -> Checkpoint
     index = _global_keys(states, files, layout, per_rank)
     fmt_name = K.detect_format(list(index))
     where = str(files[(0, 0, 0)])
+    check_layer_count(getattr(args, "num_layers", None), len(index), where)
     spec = spec_for_args(args, where)
     config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), where)
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"]),
@@ -154,6 +156,8 @@ def _metas(fmt: Format, spec: ArchSpec, config: dict[str, Any], params: dict[str
            index: dict[str, tuple[int, int, str]], shards: _Shards) -> dict[str, ShardedTensor]:
     """Global tensors with the shape the spec plans (so `plan` checks them), every shard checked."""
     env = format_env(fmt, config, params)
+    check_source_counts(spec, fmt, config, params, {k: shards.states[(0, s, ep)][local] for k, (s, ep, local)
+                                                   in index.items()}, shards.files[(0, 0, 0)])
     steps = {s.key: s for s in expand_format(spec, fmt, config, params)}
     tp = shards.layout.tp
     metas = {}

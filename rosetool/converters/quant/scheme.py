@@ -137,14 +137,3 @@ def read_scheme(raw_config: Mapping[str, Any], where: str) -> Scheme | None:
     raise CheckpointError(f"{where}: quantization_config quant_method {method!r} is not supported "
                           f"(supported: {', '.join(METHODS)}); dequantize it with its own tool first")
 
-
-FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2")
-
-
-def refuse_unscaled_float8(tensors: Mapping[str, Any], config_file: str) -> None:
-    """With no quantization_config, a float8 tensor's codes would read as weights off by their missing
-    scale: refused by name. Reads dtype names from headers only, so `inspect` stays free of torch."""
-    for name, info in tensors.items():
-        if info.dtype_name in FLOAT8_NAMES:
-            raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype_name}, but {config_file} has no "
-                                  f"quantization_config to say how it is scaled")
