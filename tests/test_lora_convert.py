@@ -74,12 +74,14 @@ def test_hf_megatron_hf_is_bit_identical(converted):
 
 
 def test_megatron_adapter_merges_to_peft_logits(converted):
-    """The Megatron adapter merged into the Megatron base (TP/PP shards, fused layers) == peft's merge."""
+    """The Megatron adapter merged into the Megatron base (TP/PP shards, fused layers) or the HF one ==
+    peft's merge of the HF adapter."""
     from rosetool.runtime.loader import load_model
     name, root, base, adapter, tokens, vocab = converted
-    model, _ = load_model(root / "mbase", torch.float32, adapters=[root / "madapter"])
-    torch.testing.assert_close(logits(model, tokens)[..., :vocab], logits(peft_merged(base, adapter), tokens),
-                               atol=1e-5, rtol=0, msg=name)
+    ref = logits(peft_merged(base, adapter), tokens)
+    for target in (root / "mbase", base):     # a Megatron adapter merges into any copy of its base
+        model, _ = load_model(target, torch.float32, adapters=[root / "madapter"])
+        torch.testing.assert_close(logits(model, tokens)[..., :vocab], ref, atol=1e-5, rtol=0, msg=f"{name} {target}")
 
 
 def test_export_loads_in_peft(converted):
