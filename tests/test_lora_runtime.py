@@ -62,3 +62,13 @@ def test_bench_with_adapter_records_it(tuned, cli, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["config"]["backend"]["adapters"] == [str(adapter)]
     res = cli("bench", "offline", "--backend", "hf", "--model", base, "--adapter", adapter)
     assert res.code == 2 and "--adapter is merged by rosetool's runtime" in res.err
+
+
+def test_tensor_parallel_ranks_merge_the_adapter(tuned):
+    """Every rank merges the adapter into its own shard as it loads (`--tp 2`)."""
+    from rosetool.runtime import LLM, SamplingParams
+    base, adapter, want = tuned
+    with LLM(base, dtype="float32", device="cpu", tensor_parallel_size=2, num_kv_blocks=8,
+             adapters=(str(adapter),)) as llm:
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.token_ids == want
