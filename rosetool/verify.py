@@ -55,10 +55,12 @@ class VerifyResult:
         return asdict(self)
 
 
-def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forward, int, int, str]:
-    """-> (tokens -> logits, vocab size, max positions, runner name)."""
+def load_forward(path_or_id: str, dtype: torch.dtype, device: str,
+                 adapters: tuple[str, ...] = ()) -> tuple[Forward, int, int, str]:
+    """-> (tokens -> logits, vocab size, max positions, runner name). A model with adapters runs on
+    rosetool's runtime, which merges them as it loads."""
     path = resolve_source(path_or_id)
-    if detect_format(path) == "hf" and quant_scheme(path) is None:
+    if detect_format(path) == "hf" and quant_scheme(path) is None and not adapters:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
@@ -72,11 +74,12 @@ def load_forward(path_or_id: str, dtype: torch.dtype, device: str) -> tuple[Forw
         cfg = model.config
         return (lambda x: model(x).logits), cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) \
             or getattr(cfg, "n_positions", 1024), "transformers"
-    from .runtime.model import load_model
-    model, _ = load_model(path, dtype, device)
+    from .runtime.loader import load_model
+    model, _ = load_model(path, dtype, device, adapters=adapters)
     scheme = quant_scheme(path)
+    runner = "rosetool+lora" if adapters else "rosetool"
     return model, model.args.vocab_size, model.args.max_position_embeddings, \
-        "rosetool" + (f", {scheme} dequantized exactly" if scheme else "")
+        runner + (f", {scheme} dequantized exactly" if scheme else "")
 
 
 def quant_scheme(path: Path) -> str | None:
@@ -102,12 +105,13 @@ def lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 def verify(a: str, b: str, dtype: torch.dtype | None = None, device: str = "cpu", batch: int = 2,
-           seq_len: int = 32, seed: int = 0, atol: float | None = None) -> VerifyResult:
-    """`dtype` None: each checkpoint at the dtype it stores; otherwise both cast to `dtype`."""
+           seq_len: int = 32, seed: int = 0, atol: float | None = None, adapters: tuple[str, ...] = ()) -> VerifyResult:
+    """`dtype` None: each checkpoint at the dtype it stores; otherwise both cast to `dtype`. `adapters`
+    are merged into A (the base of a fine-tune, checked against its merged export as B)."""
     path_a, path_b = resolve_source(a), resolve_source(b)   # both exist before either loads
     dtype_a = dtype or stored_dtype(path_a)
     dtype_b = dtype or stored_dtype(path_b)
-    fa, va, pa, ra = load_forward(str(path_a), dtype_a, device)
+    fa, va, pa, ra = load_forward(str(path_a), dtype_a, device, tuple(map(str, adapters)))
     fb, vb, pb, rb = load_forward(str(path_b), dtype_b, device)
     vocab = min(va, vb)
     if va != vb and not is_megatron(path_a if va > vb else path_b):

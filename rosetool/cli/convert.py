@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..errors import RosetoolError
+from .adapter_options import AdapterOpt
 from .help import examples, sub_app
 from .fast_exit import exit_now_if_console
 from .output import byte_progress, err, out, print_json
@@ -48,7 +49,8 @@ def open_expecting(src: str, expected: str) -> Checkpoint:
 def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[str], max_shard_size: Optional[str],
                    force: bool, as_json: bool, params: Optional[dict[str, Any]] = None,
                    writer: Optional[Callable[..., None]] = None, tokenizer: Optional[str] = None,
-                   strict: bool = False, quantize: Any = None) -> ConvertResult:
+                   strict: bool = False, quantize: Any = None,
+                   adapters: Optional[list[str]] = None) -> ConvertResult:
     """Shared by every direction: progress bar while streaming, a summary table at the end."""
     from ..converters.api import convert
     from ..converters.sinks import parse_size
@@ -59,6 +61,10 @@ def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[st
     ckpt = src if not isinstance(src, str) else open_checkpoint(src)
     if tokenizer is not None:
         attach_tokenizer(ckpt, tokenizer)   # checked before a byte is converted
+    if adapters:
+        from ..adapters.merge import with_adapters
+        from ..dtypes import parse_dtype
+        ckpt = with_adapters(ckpt, adapters, parse_dtype(dtype))   # every adapter checked before a byte
     with byte_progress(f"converting to {to}") as (set_total, advance):
         result = convert(ckpt, dst, to, dtype=dtype, max_shard_size=shard, force=force, on_tensor=advance,
                          on_plan=lambda plan: set_total(plan.nbytes), params=params, writer=writer,
@@ -71,17 +77,33 @@ def run_conversion(src: str | Checkpoint, dst: Path, to: str, dtype: Optional[st
     return result
 
 
+def run_adapter_conversion(base: str | Checkpoint, adapters: Optional[list[str]], dst: Path, to: str,
+                           force: bool, as_json: bool, **layout: int) -> None:
+    """`--adapters-only`: the one adapter in the target's LoRA layout; `base` is the model it adapts."""
+    from ..adapters.convert import convert_adapter
+    from ..converters.megatron import Layout
+    from ..converters.sources import open_checkpoint
+
+    if len(adapters or ()) != 1:
+        raise RosetoolError("--adapters-only converts exactly one --adapter")
+    ckpt = base if not isinstance(base, str) else open_checkpoint(base)
+    result = convert_adapter(ckpt, adapters[0], dst, to, force, Layout(**layout))
+    report(result, as_json)
+
+
 def report(result: ConvertResult, as_json: bool) -> None:
     if as_json:
         print_json(vars(result))
         return
     table = Table(title=f"{result.src_format} -> {result.dst_format}: {result.architecture}", show_header=False)
-    rate = result.nbytes / max(result.seconds, 1e-9) / 1e6
-    for k, v in [("source", result.src), ("destination", result.dst), ("tensors", result.num_tensors),
-                 ("bytes", f"{result.nbytes:,}"), ("time", f"{result.seconds:.2f} s ({rate:,.0f} MB/s)")]:
+    nbytes = getattr(result, "nbytes", None)    # None: an adapter conversion, a few MB
+    rate = f" ({nbytes / max(result.seconds, 1e-9) / 1e6:,.0f} MB/s)" if nbytes else ""
+    rows = [("source", result.src), ("destination", result.dst), ("tensors", result.num_tensors)]
+    rows += [("bytes", f"{nbytes:,}")] if nbytes else []
+    for k, v in rows + [("time", f"{result.seconds:.2f} s{rate}")]:
         table.add_row(k, str(v))
     out.print(table)
-    if result.unknown_config:
+    if getattr(result, "unknown_config", None):
         err.print(f"[yellow]note:[/] config fields rosetool does not map (kept out of the output): "
                   f"{', '.join(result.unknown_config)}")
 
@@ -90,19 +112,21 @@ def report(result: ConvertResult, as_json: bool) -> None:
                                         "rosetool convert hf-to-native ./llama ./native --dtype bfloat16"))
 def hf_to_native(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
                  max_shard_size: Optional[str] = ShardOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
-                 strict: bool = StrictOpt) -> None:
+                 strict: bool = StrictOpt, adapter: Optional[list[str]] = AdapterOpt) -> None:
     """HF folder (safetensors or pytorch_model.bin, sharded or not) -> native runtime folder."""
-    run_conversion(open_expecting(src, "hf"), dst, "native", dtype, max_shard_size, force, as_json, strict=strict)
+    run_conversion(open_expecting(src, "hf"), dst, "native", dtype, max_shard_size, force, as_json, strict=strict,
+                   adapters=adapter)
 
 
 @app.command("native-to-hf", **examples("rosetool convert native-to-hf ./native ./hf-out",
                                         "rosetool convert native-to-hf ./native ./hf-out --tokenizer ./llama"))
 def native_to_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
                  max_shard_size: Optional[str] = ShardOpt, tokenizer: Optional[str] = TokenizerOpt,
-                 force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
+                 force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt,
+                 adapter: Optional[list[str]] = AdapterOpt) -> None:
     """Native runtime folder -> HF folder (config, generation config, tokenizer, safetensors)."""
     run_conversion(open_expecting(src, "native"), dst, "hf", dtype, max_shard_size, force, as_json,
-                   tokenizer=tokenizer, strict=strict)
+                   tokenizer=tokenizer, strict=strict, adapters=adapter)
 
 
 QuantizeOpt = typer.Option(None, "--quantize", help="Write FP8 weights vLLM serves: fp8 (128x128 block scales, "
@@ -120,7 +144,8 @@ def export_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
               max_shard_size: Optional[str] = ShardOpt, tokenizer: Optional[str] = TokenizerOpt,
               quantize: Optional[str] = QuantizeOpt, scale_fmt: Optional[str] = ScaleFmtOpt,
               quantize_ignore: Optional[list[str]] = QuantizeIgnoreOpt, serve_tp: Optional[int] = ServeTpOpt,
-              force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt) -> None:
+              force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt,
+              adapter: Optional[list[str]] = AdapterOpt) -> None:
     """Any supported checkpoint -> an HF folder that transformers and vLLM load as is. A quantized source
     (FP8, INT4, MXFP4) keeps its stored bytes unless --dtype (dequantize) or another --quantize is given."""
     request = None
@@ -130,4 +155,4 @@ def export_hf(src: str = Src, dst: Path = Dst, dtype: Optional[str] = DtypeOpt,
     elif scale_fmt or quantize_ignore or serve_tp:
         raise RosetoolError("--scale-fmt, --quantize-ignore and --serve-tp go with --quantize")
     run_conversion(src, dst, "hf", dtype, max_shard_size, force, as_json, tokenizer=tokenizer, strict=strict,
-                   quantize=request)
+                   quantize=request, adapters=adapter)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from rosetool.cli.adapter_options import AdapterOpt
 from rosetool.cli.output import err
 from rosetool.errors import RosetoolError
 
@@ -39,6 +40,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message, rendered with the chat template."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: the model is sharded over this many processes."),
+    adapter: Optional[list[str]] = AdapterOpt,
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
     if prompt is None:
@@ -63,7 +65,8 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
     # one request: size the pool for it
-    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp) as llm:
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp,
+             adapters=tuple(adapter or ())) as llm:
         if chat:
             from rosetool.serve.chat_template import chat_prompt_ids
 

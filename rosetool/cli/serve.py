@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from .adapter_options import AdapterOpt
+
 
 def serve(
     model: Optional[str] = typer.Argument(None, help="Model folder (HF, native, Megatron) or cached hub id; "
@@ -32,6 +34,7 @@ def serve(
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel ranks: the model is sharded over this many "
                            "processes (this one is rank 0 and serves HTTP)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    adapter: Optional[list[str]] = AdapterOpt,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics).
 
@@ -51,7 +54,7 @@ def serve(
     else:
         name = model
     template = find_chat_template(resolve_source(model), chat_template)
-    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs, adapters=tuple(adapter or ()),
               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
               max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager,
               tensor_parallel_size=tp)

@@ -20,12 +20,14 @@ def verify(a: str = typer.Argument(..., help="First checkpoint (HF runs through 
            seq_len: int = typer.Option(32, "--seq-len", min=1, help="Tokens per sequence."),
            seed: int = typer.Option(0, "--seed", help="Seed of the random token batch."),
            atol: Optional[float] = typer.Option(None, "--atol", help="Override the dtype's tolerance on max |diff|."),
-           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+           adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="LoRA adapter folder merged into A "
+                                                       "(runs A on rosetool's runtime); repeat to apply several in order.")) -> None:
     """Same tokens through both: max |logit diff| against a tolerance for their dtypes, greedy agreement."""
     from ..dtypes import parse_dtype
     from ..verify import verify as run_verify
 
-    result = run_verify(a, b, parse_dtype(dtype), device, batch, seq_len, seed, atol)
+    result = run_verify(a, b, parse_dtype(dtype), device, batch, seq_len, seed, atol, tuple(adapter or ()))
     if as_json:
         print_json(result.to_dict())
     else:

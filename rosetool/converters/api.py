@@ -96,7 +96,7 @@ def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str |
     """Convert any readable checkpoint into format `to`, streaming, into a fresh folder `dst`.
     `writer` overrides the registered one (Megatron's, bound to a TP/PP layout); `strict` makes
     NaN/Inf in the source an error instead of a warning. A quantized source is dequantized unless it
-    goes HF -> HF with no `dtype` and no other `quantize`: then its stored bytes are kept as they are."""
+    goes HF -> HF with no `dtype`, no other `quantize` and no adapter merged: then its stored bytes are kept."""
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
@@ -106,7 +106,7 @@ def convert(src: str | Path | Checkpoint, dst: str | Path, to: str, dtype: str |
     quant = ckpt.info.get("quant")
     encoders = None
     if quant is not None and to == "hf" and ckpt.format == "hf" and torch_dtype is None \
-            and (quantize is None or quantize.matches(quant.scheme)):
+            and not ckpt.info.get("adapters") and (quantize is None or quantize.matches(quant.scheme)):
         keep_stored(plan, quant, plan.source_keys)
     elif quantize is not None:
         encoders = quantize_plan(plan, quantize)

@@ -22,6 +22,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    adapters: tuple[str, ...] = ()     # LoRA folders merged into the model at load, in order
 
     def __post_init__(self) -> None:
         positive = {"max_num_seqs": self.max_num_seqs, "block_size": self.block_size,

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -81,9 +81,14 @@ def _keep_routers_fp32(model: Transformer, state: dict[str, torch.Tensor], devic
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", shard: TPShard | None = None) -> tuple[Transformer, LoadedInfo]:
-    """The whole model, or with `shard` one tensor-parallel rank's part of it."""
+               device: str | torch.device = "cpu", shard: TPShard | None = None,
+               adapters: Sequence[str | os.PathLike] = ()) -> tuple[Transformer, LoadedInfo]:
+    """The whole model, or with `shard` one tensor-parallel rank's part of it; `adapters` (LoRA
+    folders) are merged into it in order as it loads."""
     ckpt = open_checkpoint(path_or_id)
+    if adapters:
+        from ..adapters.merge import with_adapters
+        ckpt = with_adapters(ckpt, adapters, dtype)
     if shard is None:
         ckpt, state = load_state(ckpt, "native")
         model = build_model(ckpt, state, dtype, device)

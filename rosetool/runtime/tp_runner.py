@@ -112,7 +112,7 @@ class TPModelRunner(ModelRunner):
 
 def _load(model: str, config: EngineConfig, group: TPGroup) -> tuple[Transformer, LoadedInfo]:
     shard = TPShard(group.rank, group.world, group.compute)
-    return load_model(model, dtype=config.dtype, device=group.device, shard=shard)
+    return load_model(model, dtype=config.dtype, device=group.device, shard=shard, adapters=config.adapters)
 
 
 def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Connection | None, threads: int,

@@ -47,6 +47,7 @@ class BackendConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    adapters: tuple[str, ...] = ()   # LoRA folders merged at load (rosetool backends)
     hf_static_cache: bool = False
     base_url: str | None = None
     served_model_name: str | None = None

@@ -28,6 +28,8 @@ def serve_args(cfg: BackendConfig) -> list[str]:
         args.append("--no-enable-prefix-caching")
     if cfg.enforce_eager:
         args.append("--enforce-eager")
+    for adapter in cfg.adapters:
+        args += ["--adapter", adapter]
     return args
 
 
