@@ -101,7 +101,7 @@ class ModelRunner:
         if fits < 1:
             raise RosetoolError("LLM: not enough free memory for one KV block "
                                 f"({self._block_bytes():,} bytes); lower block_size or free memory")
-        return fits
+        return min(fits, self.config.max_num_seqs * one_seq)
 
     @torch.inference_mode()
     def _cuda_free_blocks(self) -> int:

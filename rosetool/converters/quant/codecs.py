@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -44,13 +45,52 @@ def scale_as_float(scale: torch.Tensor) -> torch.Tensor:
     return e8m0_to_float(scale) if scale.dtype in (torch.uint8, e8m0) else scale.to(torch.float32)
 
 
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+
+
+def codes_to_float(q: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 value of each code. FP8 goes through a 256-entry table (numpy indexes by byte at several
+    times the speed of torch's scalar float8 conversion on CPU); anything else is a plain cast."""
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or q.device.type != "cpu":
+        return q.to(torch.float32, copy=True)   # a fresh tensor: the caller scales it in place
+    lut = _LUTS.get(q.dtype)
+    if lut is None:
+        lut = _LUTS[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).float().numpy()
+    return torch.from_numpy(lut[q.contiguous().view(torch.uint8).numpy()])
+
+
+def _scale_blocks(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
+    """x[N, K] *= the scale of each element's block, in place, by broadcasting over block views (no
+    scale expanded to the weight's size). Partial edge blocks are the row and column tails."""
+    n, k = x.shape
+    bn, bk = block
+    gn, gk = n // bn, k // bk                     # whole blocks each way
+    nf, kf = gn * bn, gk * bk
+    if gn:
+        rows = x[:nf].unflatten(0, (gn, bn))      # [gn, bn, K]
+        if gk:
+            rows[..., :kf].unflatten(-1, (gk, bk)).mul_(s[:gn, None, :gk, None])
+        if kf < k:
+            rows[..., kf:].mul_(s[:gn, gk, None, None])
+    if nf < n:
+        tail = x[nf:]
+        if gk:
+            tail[:, :kf].unflatten(-1, (gk, bk)).mul_(s[gn, :gk, None])
+        if kf < k:
+            tail[:, kf:].mul_(s[gn, gk])
+
+
 def dequant_scaled(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                    out: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """FP8 or INT values times their scale: one scalar, per row ([N, 1]), per group or per block."""
+    """FP8 or INT values times their scale: one scalar, per row ([N, 1]), per group or per block. The
+    product is an fp32 multiply, as the published formula and DeepSeek's kernel form it, rounded to `out` once."""
     s = scale_as_float(scale)
-    if block is not None:
-        s = expand_blocks(s, tuple(q.shape), block)
-    return (q.to(torch.float32) * s).to(out)
+    x = codes_to_float(q)
+    if block is None:
+        x.mul_(s)
+    else:
+        _scale_blocks(x, s, block)
+    return x.to(out)
 
 
 def dequant_groups(q: torch.Tensor, scale: torch.Tensor, group: int, out: torch.dtype = torch.bfloat16) -> torch.Tensor:
