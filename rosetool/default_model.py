@@ -20,6 +20,10 @@ NAME = "gpt2-tiny-v1"
 CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=1024, vocab_size=50257,
               bos_token_id=50256, eos_token_id=50256)
 SEED = 0
+# A plain role-prefixed template, so `serve` answers /v1/chat/completions out of the box (GPT-2 has none;
+# the weights are random anyway, the point is a working round trip).
+CHAT_TEMPLATE = ("{%- for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n\n{% endfor -%}"
+                 "{%- if add_generation_prompt %}assistant:{% endif %}")
 
 
 def cache_dir() -> Path:
@@ -45,7 +49,8 @@ def build_default_model(dst: Path) -> Path:
         torch.manual_seed(SEED)
         model = GPT2LMHeadModel(GPT2Config(**CONFIG)).eval()
         model.save_pretrained(tmp)
-        _write_tokenizer(tmp)
+        if _write_tokenizer(tmp):
+            (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return dst
 
 
@@ -54,4 +59,8 @@ def ensure_default_model() -> Path:
     folder = cache_dir() / NAME
     if not (folder / "config.json").exists():
         build_default_model(folder)
+    elif (folder / "tokenizer.json").exists() and not (folder / "chat_template.jinja").exists():
+        tmp = folder / f".chat_template.jinja.{os.getpid()}"   # a cache built before the template shipped
+        tmp.write_text(CHAT_TEMPLATE)
+        tmp.replace(folder / "chat_template.jinja")
     return folder

@@ -63,7 +63,22 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.server.mode == "models drip":   # /v1/models one byte every 0.2 s: 12 s in all
+            self.send_response(200)
+            self.send_header("Content-Length", "60")
+            self.end_headers()
+            for _ in range(60):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
         self._reply(json.dumps({"data": [{"id": "stub"}]}).encode())
+
+    def _endless(self, head: bytes) -> None:
+        self.wfile.write(head)
+        block = b"x" * 65536
+        while True:              # until the client hangs up
+            self.wfile.write(block)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -72,6 +87,12 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 self.server.count += 1
                 mode = "ok" if self.server.count % 2 else "no [DONE]"
+        if mode == "endless" and not body["stream"]:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self._endless(b'{"choices": ["')
+            return
         if not body["stream"]:
             self._reply(WHOLE[mode][0])
             return
@@ -84,6 +105,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.3)
             self.wfile.write(DONE)
+            return
+        if mode == "endless":    # one SSE line that never ends
+            self._endless(b'data: {"choices": [{"text": "')
             return
         for part in OK if mode == "ok" else STREAMED[mode][0]:
             self.wfile.write(part)
@@ -143,6 +167,31 @@ def test_request_timeout_bounds_the_whole_request(server, tiny_model):
     assert not result.success and "TimeoutError: no complete response within --request-timeout 1 s" in result.error
     assert elapsed < 3.0, elapsed     # the drip alone would take 6 s
     assert 0 < len(result.token_times) < 20
+
+
+@pytest.mark.parametrize("stream,reason", [(True, "stream line longer than 65536 bytes"),
+                                           (False, "response body longer than 1048576 bytes")])
+def test_endless_answers_are_cut_at_a_cap(server, tiny_model, monkeypatch, stream, reason):
+    """One endless SSE line or --no-stream body fails the request at the cap, long before the timeout
+    (uncapped, the client grew past 5 GB in seconds). Caps lowered so the test reads little."""
+    from rosetool.bench.backends import openai as backend_module
+    monkeypatch.setattr(backend_module, "MAX_LINE_BYTES", 65536)
+    monkeypatch.setattr(backend_module, "MAX_BODY_BYTES", 1 << 20)
+    start = time.perf_counter()
+    result = run_one(server, tiny_model, "endless", stream=stream, timeout=20.0)
+    assert not result.success and reason in result.error, result.error
+    assert time.perf_counter() - start < 10
+
+
+def test_models_probe_is_bounded_by_the_request_timeout(server, tiny_model):
+    """/v1/models dripped a byte at a time: the probe gives up at --request-timeout and the run goes on
+    with the model's own name."""
+    server.mode = "models drip"
+    start = time.perf_counter()
+    backend = OpenAIBackend(BackendConfig(name="openai", model=tiny_model, timeout_s=1.0,
+                                          base_url=f"http://127.0.0.1:{server.server_port}"))
+    assert time.perf_counter() - start < 4
+    assert backend.model_id != "stub"
 
 
 def test_failures_are_counted_shown_and_saved(server, tiny_model):

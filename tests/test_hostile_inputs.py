@@ -557,9 +557,9 @@ def finish_then(action: Callable[[Path], None], monkeypatch) -> None:
     from rosetool.converters import api, outdir
     commit = outdir._commit
 
-    def late(tmp: Path, dst: Path, force: bool) -> None:
+    def late(tmp: Path, dst: Path, *args) -> None:
         action(dst)
-        commit(tmp, dst, force)
+        commit(tmp, dst, *args)
     monkeypatch.setattr(outdir, "_commit", late)
     assert api.atomic_output is outdir.atomic_output
 
@@ -589,12 +589,42 @@ def test_file_put_at_dst_during_the_run_is_kept(bases, tmp_path, cli, monkeypatc
     assert dst.read_text() == "a file"
 
 
-def test_force_replaces_what_appeared_during_the_run(bases, tmp_path, cli, monkeypatch):
+@pytest.mark.parametrize("start", ["absent", "empty", "full", "link"])
+def test_force_keeps_what_appeared_during_the_run(bases, tmp_path, cli, monkeypatch, start):
+    """--force replaces DST as it was when the run started; a file written there meanwhile is kept,
+    and the finished output is left beside it, as without --force."""
     dst = tmp_path / "out" / "dst"
-    finish_then(lambda d: (d.mkdir(), (d / "old.txt").write_text("x")), monkeypatch)
+    dst.parent.mkdir()
+    if start in ("empty", "full"):
+        dst.mkdir()
+    if start == "full":
+        (dst / "old.txt").write_text("replace me")
+    if start == "link":
+        (tmp_path / "elsewhere").mkdir()
+        dst.symlink_to(tmp_path / "elsewhere")
+
+    def user_writes(d: Path) -> None:
+        if start == "link":
+            d.unlink()
+        d.mkdir(exist_ok=True)
+        (d / "mine.txt").write_text("written during the run")
+    finish_then(user_writes, monkeypatch)
+    res = cli(*TO_NATIVE, bases["hf"], dst, "--force")
+    assert res.code == 2 and "destination changed during the run" in one_error_line(res)
+    assert (dst / "mine.txt").read_text() == "written during the run"
+    kept = dst.parent / f"dst.rosetool-finished-{os.getpid()}"
+    assert (kept / "model.safetensors").is_file() and beside(dst) == [kept.name]
+    if start == "link":
+        assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_force_replaces_an_unchanged_dst(bases, tmp_path, cli):
+    dst = tmp_path / "out" / "dst"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "sub" / "old.txt").write_text("replace me")
     res = cli(*TO_NATIVE, bases["hf"], dst, "--force")
     assert res.code == 0, res.err
-    assert (dst / "model.safetensors").is_file() and not (dst / "old.txt").exists() and beside(dst) == []
+    assert (dst / "model.safetensors").is_file() and not (dst / "sub").exists() and beside(dst) == []
 
 
 def _symlink_dst(tmp_path: Path) -> tuple[Path, Path]:

@@ -165,13 +165,18 @@ def test_bad_parameters_get_400_and_the_server_goes_on(client, bad, param_hint):
     assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
-def test_unknown_model_is_404_and_chat_without_template_is_400(client):
+def test_unknown_model_is_404_and_chat_works_on_the_default_model(client, default_path):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="not-" + NAME, prompt=PROMPT, max_tokens=2)
     assert info.value.body["type"] == "not_found_error"
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
-    assert "no chat template" in info.value.body["message"]
+    # the embedded model ships a small template, so chat works with no flags
+    tokenizer = AutoTokenizer.from_pretrained(default_path)
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "user: hi\n\nassistant:"
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=3, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens == 3
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(rendered))
 
 
 def test_metrics_count_tokens_and_latencies(server, client):

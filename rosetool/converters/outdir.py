@@ -2,9 +2,10 @@
 
 A run writes into a hidden temporary folder beside the destination, holding a lock on the
 destination so two runs cannot race for it, and renames the folder into place when complete. The
-destination is checked again at that moment: whatever appeared there meanwhile is kept (without
-`--force`) and the finished output is left beside it under a visible name. A destination that is a
-symlink is never followed: `--force` replaces the link itself. Failures, Ctrl-C and SIGTERM remove
+destination is checked again at that moment: whatever appeared or changed there meanwhile is kept
+(with `--force` too: it replaces the destination as it was when the run started) and the finished
+output is left beside it under a visible name. A destination that is a symlink is never followed:
+`--force` replaces the link itself. Failures, Ctrl-C and SIGTERM remove
 the temporary folder; what SIGKILL leaves behind is removed by the next run to the same destination.
 """
 
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import threading
 import warnings
 from contextlib import contextmanager
@@ -114,8 +116,29 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _commit(tmp: Path, dst: Path, force: bool) -> None:
-    """Move the finished folder into place, re-checking `dst` now rather than trusting the start."""
+def snapshot(dst: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    """Every entry at and under `dst` (links not followed): path, mode, inode, size, mtime. `--force`
+    replaces what was there when the run started; a different snapshot at the end means someone wrote
+    there meanwhile, and that is kept."""
+    try:
+        top = os.lstat(dst)
+    except FileNotFoundError:
+        return ()
+    entries = [("", top.st_mode, top.st_ino, top.st_size, top.st_mtime_ns)]
+    if stat.S_ISDIR(top.st_mode):
+        for root, dirs, files in os.walk(dst):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                st = os.lstat(path)
+                entries.append((os.path.relpath(path, dst), st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def _commit(tmp: Path, dst: Path, force: bool, before: tuple = ()) -> None:
+    """Move the finished folder into place, re-checking `dst` now rather than trusting the start:
+    `--force` replaces `dst` only as it was then (`before`, its snapshot)."""
+    if force and snapshot(dst) != before:
+        _keep(tmp, dst)
     if force and dst.is_symlink():
         dst.unlink()           # the link goes, never what it points to
     elif force and dst.is_dir() and any(dst.iterdir()):
@@ -129,10 +152,14 @@ def _commit(tmp: Path, dst: Path, force: bool) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-        kept = dst.parent / f"{dst.name}.rosetool-finished-{os.getpid()}"
-        tmp.rename(kept)
-        raise RosetoolError(f"{dst}: destination changed during the run and was left as it is; "
-                            f"the finished output is at {kept}") from None
+        _keep(tmp, dst)
+
+
+def _keep(tmp: Path, dst: Path) -> None:
+    kept = dst.parent / f"{dst.name}.rosetool-finished-{os.getpid()}"
+    tmp.rename(kept)
+    raise RosetoolError(f"{dst}: destination changed during the run and was left as it is; "
+                        f"the finished output is at {kept}") from None
 
 
 @contextmanager
@@ -144,11 +171,12 @@ def atomic_output(dst: Path, force: bool = False, src: Path | None = None) -> It
         for p in remove_stale(dst):
             warnings.warn(f"removed {p}, left by an earlier run that was killed", RosetoolWarning, stacklevel=3)
         check_destination(dst, force, src)   # again: another run may have finished before we took the lock
+        before = snapshot(dst) if force else ()
         tmp = dst.parent / f".{dst.name}.rosetool-tmp-{os.getpid()}"
         tmp.mkdir()
         try:
             yield tmp
-            _commit(tmp, dst, force)
+            _commit(tmp, dst, force, before)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,8 +1,9 @@
 """One background thread drives the runtime; HTTP handlers talk to it through queues.
 
-The runtime's `LLM` is not thread-safe, so every call on it (and on its tokenizer) happens in the
-engine thread: handlers post commands (add, abort, stop) and receive their tokens on an asyncio
-queue, delivered once per step with `call_soon_threadsafe`. This is vLLM's AsyncLLM shape
+The runtime's `LLM` is not thread-safe, so every call on it happens in the engine thread: handlers
+post commands (add, abort, stop) and receive their tokens on an asyncio queue, delivered once per step
+with `call_soon_threadsafe`. Prompts are tokenised before that, in a thread of their own (as vLLM's
+API server does): a long prompt must not hold up the steps that produce every other client's tokens. This is vLLM's AsyncLLM shape
 without the separate process: model steps release the GIL inside torch, so the event loop keeps
 serving while the engine computes.
 """
@@ -13,9 +14,11 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from rosetool.errors import RosetoolError
 from rosetool.runtime import LLM, SamplingParams
 from rosetool.runtime.outputs import StepOutput
 
@@ -39,7 +42,7 @@ class Event:
 class _Add:
     request_id: str
     index: int
-    prompt: Prompt
+    prompt: list[int]
     params: SamplingParams
     sink: asyncio.Queue
     accepted: asyncio.Future
@@ -56,6 +59,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[int, asyncio.Queue]] = {}   # engine thread only
         self._thread = threading.Thread(target=self._run, name="rosetool-engine", daemon=True)
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosetool-tokenize")
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -66,8 +70,22 @@ class EngineLoop:
         """Finish whatever is in flight, then end the thread."""
         self._commands.put(None)
         await asyncio.to_thread(self._thread.join)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
-    async def add(self, request_id: str, index: int, prompt: Prompt, params: SamplingParams,
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt: text encoded and chat rendered in the tokenizer thread, off the engine's."""
+        if isinstance(prompt, list):
+            return prompt
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, self._ids, prompt)
+
+    def _ids(self, prompt: str | Callable[[], list[int]]) -> list[int]:
+        if callable(prompt):
+            return prompt()
+        if self.llm.tokenizer is None:
+            raise RosetoolError("this model has no tokenizer; pass prompts as lists of token ids")
+        return self.llm.tokenizer.encode(prompt)   # what `LLM.add_request` does with text
+
+    async def add(self, request_id: str, index: int, prompt: list[int], params: SamplingParams,
                   sink: asyncio.Queue) -> int:
         """Queue a request whose events go to `sink`; return its prompt length once the engine took it.
 
@@ -106,10 +124,8 @@ class EngineLoop:
             if self._sinks.pop(command.request_id, None) is not None:
                 self.llm.abort(command.request_id)
             return
+        ids = command.prompt
         try:
-            ids = command.prompt() if callable(command.prompt) else command.prompt
-            if isinstance(ids, str) and self.llm.tokenizer is not None:
-                ids = self.llm.tokenizer.encode(ids)   # what `LLM.add_request` does with text
             self.llm.add_request(ids, command.params, command.request_id)
         except Exception as exc:   # RosetoolError is the client's fault (400); anything else is ours
             self._resolve(command.accepted, exc)

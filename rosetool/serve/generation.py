@@ -51,7 +51,8 @@ class Generation:
         already accepted are then aborted.
         """
         try:
-            for p, prompt in enumerate(prompts):
+            for p, text in enumerate(prompts):
+                prompt = await self.engine.tokenize(text)   # once per prompt, however many choices
                 for j in range(n):
                     index = p * n + j
                     length = await self.engine.add(self._engine_id(index), index, prompt, params(j), self.sink)

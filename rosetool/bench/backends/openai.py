@@ -26,6 +26,13 @@ from rosetool.errors import RosetoolError
 from rosetool.runtime.loader import load_tokenizer
 
 
+# What one answer may hold: a streamed token's SSE line is ~200 bytes and a whole 128k-token completion a
+# few MB. A server sending more is broken or hostile; without a cap, one endless line fills memory long
+# before --request-timeout ends the request.
+MAX_LINE_BYTES = 1 << 20
+MAX_BODY_BYTES = 64 << 20
+
+
 class ServerError(Exception):
     """A non-200 answer or a malformed body: the request failed, the run goes on."""
 
@@ -64,21 +71,24 @@ class OpenAIBackend:
 
     def _check_reachable(self) -> None:
         try:
-            socket.create_connection((self.url.hostname, self.port), timeout=5).close()
+            socket.create_connection((self.url.hostname, self.port), timeout=min(5.0, self.cfg.timeout_s)).close()
         except OSError as err:
             raise RosetoolError(f"cannot reach OpenAI-compatible server at {self.cfg.base_url}: {err}") from None
 
     def _served_model(self) -> str | None:
-        """The first id from `/v1/models`, so `--served-model-name` is rarely needed."""
-        conn = self._connection(timeout=5)
+        """The first id from `/v1/models`, so `--served-model-name` is rarely needed; bounded like a request."""
+        conn = self._connection(timeout=self.cfg.timeout_s)
+        deadline = _Deadline(self.cfg.timeout_s)
         try:
             conn.request("GET", self.path.rsplit("/completions", 1)[0] + "/models")
+            deadline.watch(conn.sock)
             resp = conn.getresponse()
-            data = json.loads(resp.read()) if resp.status == 200 else {}
+            data = json.loads(_read_capped(resp)) if resp.status == 200 else {}
             return data["data"][0]["id"]
-        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError):
+        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError, ServerError):
             return None
         finally:
+            deadline.cancel()
             conn.close()
 
     def run(self, requests: list[Request], schedule: Schedule, on_done: OnDone,
@@ -182,7 +192,9 @@ def _read_stream(resp: http.client.HTTPResponse, result: RequestResult, on_token
     """Stamp every SSE chunk that carries a choice; return `usage.completion_tokens` if sent.
     A stream must end with `data: [DONE]`; one that stops short is incomplete, not finished."""
     usage = None
-    for raw in resp:
+    while raw := resp.readline(MAX_LINE_BYTES + 1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise ServerError(f"stream line longer than {MAX_LINE_BYTES} bytes")
         line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
             continue
@@ -204,8 +216,15 @@ def _read_stream(resp: http.client.HTTPResponse, result: RequestResult, on_token
     raise ServerError("stream ended without 'data: [DONE]' (incomplete response)")
 
 
+def _read_capped(resp: http.client.HTTPResponse) -> bytes:
+    body = resp.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise ServerError(f"response body longer than {MAX_BODY_BYTES} bytes")
+    return body
+
+
 def _read_whole(resp: http.client.HTTPResponse) -> int:
-    body = resp.read()
+    body = _read_capped(resp)
     if not body.strip():
         raise ServerError("HTTP 200 with an empty body")
     data = json.loads(body)
