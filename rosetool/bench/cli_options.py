@@ -44,6 +44,7 @@ class Options:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tp: int = 1
+    ep: int = 1
     workload: str = "random"
     dataset_path: Optional[Path] = None
     prompt: Optional[str] = None
@@ -97,6 +98,7 @@ FLAGS: dict[str, typer.models.OptionInfo] = {
     "enable_prefix_caching": O("--enable-prefix-caching/--no-enable-prefix-caching", help="rosetool: prefix cache."),
     "enforce_eager": O("--enforce-eager", help="rosetool: no CUDA graphs."),
     "tp": O("--tp", help="rosetool: tensor-parallel ranks (processes)."),
+    "ep": O("--ep", help="rosetool: expert-parallel ranks (MoE; processes shared with --tp)."),
     "workload": O("--workload", help="random, fixed, jsonl, sharegpt or prefix."),
     "dataset_path": O("--dataset-path", help="File for --workload jsonl or sharegpt."),
     "prompt": O("--prompt", help="Text repeated by --workload fixed."),
@@ -131,7 +133,7 @@ FLAGS: dict[str, typer.models.OptionInfo] = {
 MODEL = ["backend", "model", "hf_model_id", "dtype", "device", "base_url", "served_model_name", "stream",
          "request_timeout", "hf_static_cache", "max_num_seqs", "max_num_batched_tokens", "block_size",
          "num_kv_blocks", "max_model_len", "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager",
-         "tp"]
+         "tp", "ep"]
 WORKLOAD = ["workload", "dataset_path", "prompt", "num_prompts", "input_len", "output_len", "range_ratio",
             "prefix_len", "num_prefixes", "ignore_eos", "temperature", "seed"]
 OUTPUT = ["save_result", "save_detailed", "profile", "json_out"]

@@ -39,6 +39,8 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message, rendered with the chat template."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: the model is sharded over this many processes."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel ranks (MoE): whole experts placed on this many "
+                           "processes, shared with --tp's."),
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
     if prompt is None:
@@ -63,7 +65,8 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_tokens=max_tokens)
     # one request: size the pool for it
-    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp) as llm:
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp,
+             expert_parallel_size=ep) as llm:
         if chat:
             from rosetool.serve.chat_template import chat_prompt_ids
 

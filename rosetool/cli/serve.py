@@ -31,6 +31,8 @@ def serve(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel ranks: the model is sharded over this many "
                            "processes (this one is rank 0 and serves HTTP)."),
+    ep: int = typer.Option(1, "--ep", min=1, help="Expert-parallel ranks (MoE): whole experts placed on this "
+                           "many processes, shared with --tp's."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics).
@@ -54,7 +56,7 @@ def serve(
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
               max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager,
-              tensor_parallel_size=tp)
+              tensor_parallel_size=tp, expert_parallel_size=ep)
     state = ServeState(llm, served_model_name or name, template)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 

@@ -47,6 +47,7 @@ class BackendConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
     hf_static_cache: bool = False
     base_url: str | None = None
     served_model_name: str | None = None

@@ -37,6 +37,7 @@ class RosetoolBackend:
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            expert_parallel_size=cfg.expert_parallel_size,
         )
         self.vocab: Vocab = make_vocab(self.llm.tokenizer, getattr(self.llm.model_args, "vocab_size", None))
 
