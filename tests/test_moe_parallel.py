@@ -186,3 +186,68 @@ def test_a_killed_expert_rank_ends_the_run_with_one_line(qwen2_moe):
     assert str(err.value) == "tensor-parallel rank 1 died mid-run (killed by signal 9)"
     assert not tp_workers()
     llm.close()
+
+
+def test_serve_with_tp_and_ep_answers_the_openai_client(tmp_path):
+    """`serve --tp 2 --ep 2` on a Qwen2-MoE with the default model's GPT-2 tokenizer (one spare embedding row, so
+    the vocabulary splits in two): the official client's greedy text, plain and streamed, equals one process's and
+    transformers'."""
+    import openai
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rosetool.default_model import ensure_default_model
+    from rosetool.serve.process import ServerProcess
+    from test_moe_runtime_models import load_hf
+
+    model_type, config = MODELS["qwen2_moe"]
+    config = {**COMMON, **config, "vocab_size": 50258, "bos_token_id": 50256, "eos_token_id": 50256}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    randomise(model)
+    model.eval().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    tokenizer.save_pretrained(tmp_path)
+    prompt, n = "The quick brown fox", 12
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = load_hf(tmp_path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                         pad_token_id=50256)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    one = LLM(tmp_path, dtype="float32", device="cpu").generate([prompt], SamplingParams(temperature=0, max_tokens=n))
+    assert one[0].text == expected and len(set(out[0, ids.shape[1]:].tolist())) > 2
+    served = ["--served-model-name", "moe", "--dtype", "float32", "--device", "cpu", "--tp", "2", "--ep", "2"]
+    with ServerProcess([str(tmp_path), *served]) as proc:
+        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="moe", prompt=prompt, max_tokens=n, temperature=0)
+        assert got.choices[0].text == expected
+        stream = client.completions.create(model="moe", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+        assert proc.stop() == 0
+
+
+def test_an_expert_rank_loads_about_half_the_experts(tmp_path):
+    """Rank 0 of two expert-parallel ranks of an 8-expert Mixtral (72 MiB of fp32 experts, 7 MiB of the rest) grows
+    its RSS by about half the experts, from HF's per-expert tensors and from native stacked ones alike."""
+    import subprocess
+    import sys
+
+    from moe_models import build_moe_hf
+    from test_tp_shard import LOAD, MB
+    wide = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_local_experts=8,
+                num_attention_heads=4, vocab_size=2048)
+    hf = build_moe_hf("mixtral", tmp_path / "hf", **wide)
+    convert(hf, tmp_path / "native", "native")
+    warm = build_moe_hf("mixtral", tmp_path / "warm")
+
+    def peak(path, ep):
+        out = subprocess.run([sys.executable, "-c", LOAD, str(path), str(warm), "1", str(ep)], check=True,
+                             capture_output=True, text=True).stdout.split()
+        before, high, weights = map(int, out)
+        return high - before, weights
+
+    experts = 3 * 8 * 3 * 256 * 1024 * 4   # layers x experts x (gate, up, down) x fp32
+    for folder in (hf, tmp_path / "native"):
+        (whole_peak, whole), (rank_peak, rank) = peak(folder, 1), peak(folder, 2)
+        assert whole - rank == experts // 2, folder.name
+        print(f"{folder.name}: peak RSS growth whole {whole_peak / MB:.0f} MB, rank 0 of ep 2 {rank_peak / MB:.0f} MB")
+        assert rank_peak < (whole - experts) + 0.75 * experts, (folder.name, rank_peak / MB)   # not all experts
+        assert rank_peak < rank + 24 * MB, (folder.name, rank_peak / MB, rank / MB)   # its half, one group extra
