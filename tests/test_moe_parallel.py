@@ -67,6 +67,17 @@ def case(request, tmp_path_factory):
     return request.param, path, single
 
 
+def test_olmoe_runs_expert_parallel(tmp_path):
+    """OLMoE's q/k norm spans all heads, so `--tp` is refused (test_runtime_tp.py); `--ep 2` replicates attention."""
+    from test_moe_runtime_models import build_moe_hf
+    path = build_moe_hf("olmoe", tmp_path / "olmoe")
+    expected = hf_greedy(path)
+    with LLM(path, expert_parallel_size=2, **OPTIONS) as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert llm.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [expected[tuple(p)] for p in PROMPTS]
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_two_ranks_match_one_process_and_transformers(case, layout):
     name, path, single = case
@@ -225,7 +236,7 @@ def test_serve_with_tp_and_ep_answers_the_openai_client(tmp_path):
 
 
 def test_an_expert_rank_loads_about_half_the_experts(tmp_path):
-    """Rank 0 of two expert-parallel ranks of an 8-expert Mixtral (72 MiB of fp32 experts, 7 MiB of the rest) grows
+    """Rank 0 of two expert-parallel ranks of an 8-expert Mixtral (72 MiB of fp32 experts, 6 MiB of the rest) grows
     its RSS by about half the experts, from HF's per-expert tensors and from native stacked ones alike."""
     import subprocess
     import sys
