@@ -28,7 +28,7 @@ from rosetool.runtime import LLM, SamplingParams
 from rosetool.runtime.layout import ParallelLayout
 from rosetool.runtime.tp_shard import shard_state
 from test_deepseek import BASE as DEEPSEEK, build as build_deepseek
-from test_moe_runtime_models import COMMON, GREEDY, PROMPTS, VOCAB, hf_greedy, randomise
+from test_moe_runtime_models import COMMON, GREEDY, PROMPTS, hf_greedy, randomise
 
 MODELS = {   # name -> (model_type, config): head counts, vocabulary and dense/shared widths even, for two ranks
     "mixtral": ("mixtral", dict(hidden_size=32, intermediate_size=20, num_hidden_layers=2, num_local_experts=5,
@@ -85,8 +85,8 @@ def test_two_ranks_match_one_process_and_transformers(case, layout):
     with LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **OPTIONS) as llm:
         args, whole = llm.model.args, llm.model_args
         experts = next(layer.moe.experts.up.weight for layer in llm.model.layers if layer.moe is not None)
-        expected_shape = (len(ParallelLayout(tp, ep).experts(0, whole.num_experts)),
-                          2 * whole.moe_intermediate_size // (2 // ep))
+        parallel = ParallelLayout(tp, ep)
+        expected_shape = (len(parallel.experts(0, whole.num_experts)), 2 * whole.moe_intermediate_size // parallel.etp)
         assert tuple(experts.shape[:2]) == expected_shape   # rank 0's experts, whole or halved
         assert args.num_heads * tp == whole.num_heads
         outs = llm.generate(PROMPTS, GREEDY)

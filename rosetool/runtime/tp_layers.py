@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import RosetoolError
 from .layout import ParallelLayout
 from .model import Transformer
-from .moe import MoE, local_experts
+from .moe import Experts, MoE, local_experts
 
 
 class RowParallelLinear(nn.Linear):
@@ -73,7 +73,7 @@ class ParallelMoE(MoE):
         args = moe.router.args
         super().__init__(args, moe.act, moe.shared)
         experts = layout.experts(rank, args.num_experts)
-        self.experts = type(moe.experts)(args, len(experts))
+        self.experts = Experts(args, len(experts))
         if len(experts) < args.num_experts:
             self.kernel = partial(local_experts, first=experts.start)
         self.shared_here = layout.tp > 1 or rank == 0

@@ -41,7 +41,8 @@ class Block:
     unit: int
     replicate: bool = False
 
-    def span(self, rank: int, world: int, key: str, ranks: str = "tensor_parallel_size") -> tuple[int, int]:
+    def span(self, rank: int, world: int, key: str, ranks: str | None = None) -> tuple[int, int]:
+        """`ranks` names the ranks in a refusal (default: tensor_parallel_size=world)."""
         if self.units % world == 0:
             n = self.units // world
             return rank * n * self.unit, (rank + 1) * n * self.unit
@@ -49,7 +50,7 @@ class Block:
             j = rank * self.units // world
             return j * self.unit, (j + 1) * self.unit
         raise RosetoolError(f"{key}: {self.units} {'heads' if self.replicate else 'rows'} cannot be "
-                            f"split over {ranks}={world}")
+                            f"split over {ranks or f'tensor_parallel_size={world}'}")
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,12 @@ def check_shardable(ckpt: Checkpoint, tp: int, ep: int = 1) -> None:
     local_args(args, tp, ep)
     plan = make_plan(ckpt, "native", cancel=False)
     env = format_env(ckpt.spec.format("native"), ckpt.config)
-    for rank in range(layout.world):
-        for group in plan.groups:
-            _rank_cuts(group.writes, env, rank, layout, str(ckpt.spec.file))
+    try:
+        for rank in range(layout.world):
+            for group in plan.groups:
+                _rank_cuts(group.writes, env, rank, layout, str(ckpt.spec.file))
+    except RosetoolError as exc:
+        raise RosetoolError(f"{ckpt.path}: {exc}") from None
 
 
 def local_args(args: ModelArgs, tp: int, ep: int = 1) -> ModelArgs:
@@ -188,9 +192,10 @@ def _rank_cuts(writes: list[Step], env: Mapping[str, Any], rank: int, layout: Pa
     """What one rank wants of each canonical source of a plan group: its cut, or nothing (skipped)."""
     wanted: dict[str, Cut] = {}
     skipped: set[str] = set()
+    num_experts = env.get("num_experts") or 0
     for step in writes:
         rule = parse_rule(step.tp, step.shape, env, step.key)
-        for name, cut in zip(step.sources, _source_slices(step, rule, rank, layout, where, env.get("num_experts") or 0)):
+        for name, cut in zip(step.sources, _source_slices(step, rule, rank, layout, where, num_experts)):
             if cut == SKIP:
                 skipped.add(name)
             else:
