@@ -2,7 +2,9 @@
 # Expert parallelism on one machine: the same MoE workload at EP=1 (one process) and EP=2 (and any other
 # `TP:EP` layouts given), in one run. Mixtral shapes (random weights, written tensor by tensor): LAYERS x HIDDEN,
 # HIDDEN/128 heads, one KV head per 512 of HIDDEN, EXPERTS SwiGLU experts of ffn 3.5 x HIDDEN, top-2, vocabulary
-# 32000; greedy, ignore_eos, 128 prompt + 64 new tokens per request; one warm-up pass, median of 3.
+# 32000; greedy, ignore_eos, 128 prompt + 64 new tokens per request; one warm-up pass, median of 3. On CPU every
+# layout gets the same cores: ROSETOOL_NUM_THREADS = CORES / ranks per rank (CORES: env, default nproc), so the
+# one-process run is not left with fewer threads by the load-average rule of rosetool/runtime/host.py.
 #
 #   benchmarks/moe_ep.sh OUT_DIR [NUM_PROMPTS] [DEVICE] [DTYPE] [LAYERS] [HIDDEN] [EXPERTS] [LAYOUTS]
 #
@@ -27,7 +29,10 @@ COMMON=(--backend rosetool --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" 
 RESULTS=()
 for layout in $LAYOUTS; do
   tp=${layout%:*}; ep=${layout#*:}
-  rosetool bench offline "${COMMON[@]}" --tp "$tp" --ep "$ep" --save-result "$OUT/tp$tp-ep$ep-$N.json"
+  ranks=$(( tp > ep ? tp : ep ))
+  threads=$(( ${CORES:-$(nproc)} / ranks )); threads=$(( threads > 0 ? threads : 1 ))
+  ROSETOOL_NUM_THREADS=$threads rosetool bench offline "${COMMON[@]}" --tp "$tp" --ep "$ep" \
+    --save-result "$OUT/tp$tp-ep$ep-$N.json"
   RESULTS+=("$OUT/tp$tp-ep$ep-$N.json")
 done
 rosetool bench compare "${RESULTS[@]}"
