@@ -41,10 +41,10 @@ def test_server_and_in_process_runs_compare_side_by_side(tiny_model, tmp_path):
 
 def test_engine_options_reach_the_server():
     cfg = BackendConfig(name="rosetool-server", dtype="float32", num_kv_blocks=32, max_model_len=96,
-                        enable_prefix_caching=False, max_num_seqs=3)
+                        enable_prefix_caching=False, max_num_seqs=3, tensor_parallel_size=2, expert_parallel_size=2)
     args = serve_args(cfg)
     for flag, value in (("--dtype", "float32"), ("--num-kv-blocks", "32"), ("--max-model-len", "96"),
-                        ("--max-num-seqs", "3"), ("--served-model-name", "default")):
+                        ("--max-num-seqs", "3"), ("--served-model-name", "default"), ("--tp", "2"), ("--ep", "2")):
         assert args[args.index(flag) + 1] == value
     assert "--no-enable-prefix-caching" in args and "--device" not in args
 

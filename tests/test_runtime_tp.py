@@ -111,12 +111,12 @@ def test_models_the_specs_cannot_cut_fail_before_any_process_starts(cli, tmp_pat
     from moe_models import build_moe_hf
     from test_families import CASES, build
 
-    mixtral = build_moe_hf("mixtral", tmp_path / "mixtral")
-    message = "does not split mixture-of-experts"
+    olmoe = build_moe_hf("olmoe", tmp_path / "olmoe")   # its q/k norm spans all heads: no head split
+    message = "q/k norm over all heads at once"
     with pytest.raises(RosetoolError, match=message):
-        LLM(mixtral, device="cpu", tensor_parallel_size=2)
+        LLM(olmoe, device="cpu", tensor_parallel_size=2)
     assert not tp_workers()
-    res = cli("generate", mixtral, "1 2 3", "--tp", "2", "--device", "cpu")
+    res = cli("generate", olmoe, "1 2 3", "--tp", "2", "--device", "cpu")
     assert res.code == 2 and message in res.err and "Traceback" not in res.err
     assert len(res.err.strip().splitlines()) == 1
     # every shipped dense spec has native tp rules; a spec added without them is refused by name

@@ -83,7 +83,8 @@ LOAD = textwrap.dedent("""
     def status(field):
         return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
     path, warm, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    shard = TPShard(0, world, None) if world > 1 else None
+    ep = int(sys.argv[4]) if len(sys.argv) > 4 else 1   # expert-parallel ranks (tests/test_moe_parallel.py)
+    shard = TPShard(0, world, None, ep) if max(world, ep) > 1 else None
     load_model(warm, shard=shard)   # imports and allocator set-up, so they are not counted below
     open('/proc/self/clear_refs', 'w').write('5')   # reset VmHWM to the current RSS
     before = status('VmRSS')

@@ -45,6 +45,7 @@ class Options:
     enforce_eager: bool = False
     tp: int = 1
     adapter: Optional[list[str]] = None
+    ep: int = 1
     workload: str = "random"
     dataset_path: Optional[Path] = None
     prompt: Optional[str] = None
@@ -100,6 +101,7 @@ FLAGS: dict[str, typer.models.OptionInfo] = {
     "tp": O("--tp", help="rosetool: tensor-parallel ranks (processes)."),
     "adapter": O("--adapter", help="rosetool, rosetool-server: LoRA folder (HF PEFT or Megatron) merged at "
                  "load; repeat to apply several in order."),
+    "ep": O("--ep", help="rosetool: expert-parallel ranks (MoE; processes shared with --tp)."),
     "workload": O("--workload", help="random, fixed, jsonl, sharegpt or prefix."),
     "dataset_path": O("--dataset-path", help="File for --workload jsonl or sharegpt."),
     "prompt": O("--prompt", help="Text repeated by --workload fixed."),
@@ -134,7 +136,7 @@ FLAGS: dict[str, typer.models.OptionInfo] = {
 MODEL = ["backend", "model", "hf_model_id", "dtype", "device", "base_url", "served_model_name", "stream",
          "request_timeout", "hf_static_cache", "max_num_seqs", "max_num_batched_tokens", "block_size",
          "num_kv_blocks", "max_model_len", "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager",
-         "tp", "adapter"]
+         "tp", "ep", "adapter"]
 WORKLOAD = ["workload", "dataset_path", "prompt", "num_prompts", "input_len", "output_len", "range_ratio",
             "prefix_len", "num_prefixes", "ignore_eos", "temperature", "seed"]
 OUTPUT = ["save_result", "save_detailed", "profile", "json_out"]

@@ -61,7 +61,8 @@ def backend_config(o: Options) -> BackendConfig:
         max_num_batched_tokens=o.max_num_batched_tokens, block_size=o.block_size, num_kv_blocks=o.num_kv_blocks,
         max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
         enable_prefix_caching=o.enable_prefix_caching, enforce_eager=o.enforce_eager,
-        tensor_parallel_size=o.tp, adapters=tuple(o.adapter or ()), hf_static_cache=o.hf_static_cache, base_url=o.base_url,
+        tensor_parallel_size=o.tp, expert_parallel_size=o.ep, adapters=tuple(o.adapter or ()),
+        hf_static_cache=o.hf_static_cache, base_url=o.base_url,
         served_model_name=o.served_model_name,
         stream=o.stream, timeout_s=o.request_timeout,
     )

@@ -40,6 +40,8 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="PROMPT is a user message, rendered with the chat template."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja file overriding the model's."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: the model is sharded over this many processes."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel ranks (MoE): whole experts placed on this many "
+                           "processes, shared with --tp's."),
     adapter: Optional[list[str]] = AdapterOpt,
 ) -> None:
     """Generate a completion for PROMPT, streaming tokens to stdout as they are produced."""
@@ -66,7 +68,7 @@ def generate(
                             max_tokens=max_tokens)
     # one request: size the pool for it
     with LLM(model, dtype=dtype, device=device, max_num_seqs=1, tensor_parallel_size=tp,
-             adapters=tuple(adapter or ())) as llm:
+             expert_parallel_size=ep, adapters=tuple(adapter or ())) as llm:
         if chat:
             from rosetool.serve.chat_template import chat_prompt_ids
 

@@ -61,6 +61,8 @@ def serve(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel ranks: the model is sharded over this many "
                            "processes (this one is rank 0 and serves HTTP)."),
+    ep: int = typer.Option(1, "--ep", min=1, help="Expert-parallel ranks (MoE): whole experts placed on this "
+                           "many processes, shared with --tp's."),
     max_body_bytes: int = typer.Option(ServeLimits.max_body_bytes, "--max-body-bytes",
                                        help="Largest request body; larger ones get 413."),
     max_prompt_chars: int = typer.Option(ServeLimits.max_prompt_chars, "--max-prompt-chars",
@@ -99,7 +101,7 @@ def serve(
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=max_num_seqs, adapters=tuple(adapter or ()),
               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
               max_model_len=max_model_len, enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager,
-              tensor_parallel_size=tp)
+              tensor_parallel_size=tp, expert_parallel_size=ep)
     state = ServeState(llm, served_model_name or name, template, limits)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 

@@ -12,6 +12,7 @@ from rosetool.errors import RosetoolError
 from rosetool.runtime.block_manager import BlockManager
 from rosetool.runtime.config import EngineConfig, resolve_device, resolve_dtype
 from rosetool.runtime.detokenizer import Detokenizer
+from rosetool.runtime.layout import ParallelLayout
 from rosetool.runtime.model_runner import ModelRunner
 from rosetool.runtime.outputs import GenerationOutput, StepOutput
 from rosetool.runtime.sampling_params import SamplingParams
@@ -40,20 +41,22 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, adapters: tuple[str, ...] = ()):
+                 tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
+                 adapters: tuple[str, ...] = ()):
         """`tensor_parallel_size` N > 1 shards the model over N processes (this one is rank 0), or over
-        the ranks `torchrun` started; there, `LLM()` on a rank > 0 serves rank 0 and then exits."""
+        the ranks `torchrun` started; there, `LLM()` on a rank > 0 serves rank 0 and then exits.
+        `expert_parallel_size` M > 1 places an MoE model's experts whole on M groups of those ranks
+        (max(N, M) processes; runtime/layout.py)."""
         from rosetool.runtime.loader import load_model
 
         config = EngineConfig(resolve_device(device), resolve_dtype(dtype), gpu_memory_utilization,
                               max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
                               max_model_len, enable_prefix_caching, enforce_eager, tuple(map(str, adapters)))
-        if tensor_parallel_size < 1:
-            raise RosetoolError(f"LLM: tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        if tensor_parallel_size > 1:
+        layout = ParallelLayout(tensor_parallel_size, expert_parallel_size)
+        if layout.world > 1:
             from rosetool.runtime import tp_runner
 
-            self.model, info, self.runner = tp_runner.start(str(model), config, tensor_parallel_size)
+            self.model, info, self.runner = tp_runner.start(str(model), config, layout)
         else:
             self.model, info = load_model(model, dtype=config.dtype, device=config.device, adapters=config.adapters)
             self.runner = ModelRunner(self.model, config)

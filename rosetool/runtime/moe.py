@@ -94,21 +94,37 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, fits: 
     return out
 
 
+def _expert_rows(x: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor, act: Activation) -> torch.Tensor:
+    """Pair i (token tokens[i] through expert experts[i], scaled by weights[i]) -> row i, batched by expert."""
+    order = experts.argsort(stable=True)
+    counts = torch.zeros(up.shape[0], dtype=torch.int32, device=x.device)
+    counts.index_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+    ends = counts.cumsum(0, dtype=torch.int32)
+    fits = _grouped_mm_fits(x, up, down)
+    gate, lin = _grouped_linear(x[tokens[order]], up, ends, fits).chunk(2, dim=-1)
+    y = _grouped_linear(act(gate) * lin, down, ends, fits) * weights[order, None]
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted
+
+
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, up: torch.Tensor,
                     down: torch.Tensor, act: Activation) -> torch.Tensor:
     """Each chosen (token, expert) pair computed once, batched by expert."""
     n, k = experts.shape
-    flat = experts.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(up.shape[0], dtype=torch.int32, device=x.device)
-    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    ends = counts.cumsum(0, dtype=torch.int32)
-    fits = _grouped_mm_fits(x, up, down)
-    gate, lin = _grouped_linear(x[order // k], up, ends, fits).chunk(2, dim=-1)
-    y = _grouped_linear(act(gate) * lin, down, ends, fits) * weights.flatten()[order, None]
-    unsorted = torch.empty_like(y)
-    unsorted[order] = y
-    return unsorted.view(n, k, -1).sum(dim=1)
+    tokens = torch.arange(n * k, device=x.device) // k
+    return _expert_rows(x, tokens, experts.flatten(), weights.flatten(), up, down, act).view(n, k, -1).sum(dim=1)
+
+
+def local_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, up: torch.Tensor,
+                  down: torch.Tensor, act: Activation, first: int) -> torch.Tensor:
+    """Expert parallel: only the pairs routed to this rank's experts first .. first + len(up) - 1 (up/down
+    hold those only); each token's row sums its pairs here, the other ranks' rows hold the rest."""
+    local = experts - first
+    tokens, slots = ((local >= 0) & (local < up.shape[0])).nonzero(as_tuple=True)
+    rows = _expert_rows(x, tokens, local[tokens, slots], weights[tokens, slots], up, down, act)
+    return torch.zeros_like(x).index_add_(0, tokens, rows)
 
 
 class StackedWeight(nn.Module):
@@ -120,11 +136,13 @@ class StackedWeight(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """All experts, or (expert parallel) `count` of them."""
+
+    def __init__(self, args: ModelArgs, count: int | None = None):
         super().__init__()
-        ffn = args.moe_intermediate_size
-        self.up = StackedWeight(args.num_experts, 2 * ffn, args.hidden_size)    # expert e: [gate_e; up_e]
-        self.down = StackedWeight(args.num_experts, args.hidden_size, ffn)
+        ffn, count = args.moe_intermediate_size, count or args.num_experts
+        self.up = StackedWeight(count, 2 * ffn, args.hidden_size)    # expert e: [gate_e; up_e]
+        self.down = StackedWeight(count, args.hidden_size, ffn)
 
 
 class MoE(nn.Module):
@@ -145,8 +163,11 @@ class MoE(nn.Module):
         weights, experts = self.router(flat)
         out = self.kernel(flat, weights, experts, self.experts.up.weight, self.experts.down.weight, self.act)
         if self.shared is not None:
-            shared = self.shared(flat)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
-            out = out + shared
+            out = out + self.shared_output(flat)
         return out.view_as(x)
+
+    def shared_output(self, flat: torch.Tensor) -> torch.Tensor:
+        shared = self.shared(flat)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(flat)) * shared
+        return shared

@@ -1,9 +1,11 @@
-"""The model runner of one tensor-parallel rank, and how the ranks are brought up.
+"""The model runner of one tensor- or expert-parallel rank, and how the ranks are brought up.
 
 Rank 0 keeps everything stateful (scheduler, block manager, sampler, tokenizer): each step it sends
 the flat batch layout its `_prepare` built, every rank runs its shard of the forward on it, and the
-vocabulary-sliced logits are gathered once, onto rank 0, for sampling. The other ranks hold nothing
-but their weights and their KV heads' cache, and loop on layouts until rank 0 says stop.
+vocabulary-sliced logits are gathered once, onto rank 0, for sampling (with tensor_parallel_size 1,
+expert parallel only, rank 0 holds the whole vocabulary and samples from its own logits). The other
+ranks hold nothing but their weights and their KV heads' cache, and loop on layouts until rank 0 says
+stop. Which weights each rank holds is runtime/layout.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rosetool.converters.sources import open_checkpoint
 from rosetool.errors import RosetoolError
 from rosetool.runtime.attention import AttentionContext
 from rosetool.runtime.config import EngineConfig
+from rosetool.runtime.layout import ParallelLayout
 from rosetool.runtime.loader import LoadedInfo, load_model
 from rosetool.runtime.model import Transformer
 from rosetool.runtime.model_runner import ModelRunner
@@ -35,8 +38,8 @@ _HEADER = 7   # kind, tokens, seqs, block-table width, max_query_len, is_decode,
 
 
 class TPModelRunner(ModelRunner):
-    def __init__(self, model: Transformer, config: EngineConfig, group: TPGroup):
-        self.group = group
+    def __init__(self, model: Transformer, config: EngineConfig, group: TPGroup, layout: ParallelLayout):
+        self.group, self.layout = group, layout
         # this rank's own device; eager, as no collectives are captured inside CUDA graphs
         super().__init__(model, replace(config, device=group.device, enforce_eager=True))
 
@@ -58,9 +61,12 @@ class TPModelRunner(ModelRunner):
                        logit_rows: list[int]) -> Tensor | None:
         if self.group.rank == 0:
             self._send_layout(input_ids, positions, ctx, logit_rows)
+        whole_vocab = self.layout.tp == 1
+        if whole_vocab and self.group.rank > 0:
+            logit_rows = []   # rank 0 samples from its own logits
         logits = super().forward_logits(input_ids, positions, ctx, logit_rows)
-        if logits is None:
-            return None
+        if logits is None or whole_vocab:
+            return logits
         parts = [torch.empty_like(logits) for _ in range(self.group.world)] if self.group.rank == 0 else None
         dist.gather(logits.contiguous(), parts, dst=0, group=self.group.compute)
         return torch.cat(parts, dim=-1) if parts else None
@@ -110,13 +116,14 @@ class TPModelRunner(ModelRunner):
         self.group.close()
 
 
-def _load(model: str, config: EngineConfig, group: TPGroup) -> tuple[Transformer, LoadedInfo]:
-    shard = TPShard(group.rank, group.world, group.compute)
+def _load(model: str, config: EngineConfig, group: TPGroup,
+          layout: ParallelLayout) -> tuple[Transformer, LoadedInfo]:
+    shard = TPShard(group.rank, layout.tp, group.compute, layout.ep)
     return load_model(model, dtype=config.dtype, device=group.device, shard=shard, adapters=config.adapters)
 
 
 def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Connection | None, threads: int,
-            model: str, config: EngineConfig) -> None:
+            model: str, config: EngineConfig, layout: ParallelLayout) -> None:
     """A spawned (or torchrun) rank > 0: join, load its shard, serve, and exit without a traceback."""
     if parent_pid:
         exit_with_parent(parent_pid)
@@ -125,9 +132,9 @@ def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Conn
     try:
         report(pipe, "joining")
         join_groups(group, init_method)
-        loaded, _ = _load(model, config, group)
+        loaded, _ = _load(model, config, group, layout)
         report(pipe, "loaded")
-        TPModelRunner(loaded, config, group).serve()
+        TPModelRunner(loaded, config, group, layout).serve()
     except Exception as exc:   # rank 0 gone mid-collective, or a load failure: one line, to rank 0
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = first if isinstance(exc, RosetoolError) else f"{type(exc).__name__}: {first}"
@@ -139,31 +146,32 @@ def _worker(rank: int, world: int, init_method: str, parent_pid: int, pipe: Conn
         group.close()
 
 
-def start(model: str, config: EngineConfig, world: int) -> tuple[Transformer, LoadedInfo, TPModelRunner]:
+def start(model: str, config: EngineConfig, layout: ParallelLayout) -> tuple[Transformer, LoadedInfo, TPModelRunner]:
     """Rank 0's shard, runner and workers. Under torchrun a rank > 0 serves here and then exits."""
-    check_shardable(open_checkpoint(model), world)   # refuse a bad size or an unshardable model before any spawn
+    check_shardable(open_checkpoint(model), layout.tp, layout.ep)   # a bad size or model: refused before any spawn
     require_no_group()
+    world = layout.world
     if launched_by_torchrun():
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != size:
-            raise RosetoolError(f"tensor_parallel_size={world} but torchrun started WORLD_SIZE={size}")
+            raise RosetoolError(f"{layout.describe()} needs {world} ranks but torchrun started WORLD_SIZE={size}")
         if rank > 0:
-            _worker(rank, size, "env://", 0, None, torch.get_num_threads(), model, config)
+            _worker(rank, size, "env://", 0, None, torch.get_num_threads(), model, config, layout)
             sys.exit(0)
         group = TPGroup(0, size, rank_device(config.device, int(os.environ.get("LOCAL_RANK", 0))))
         init_method = "env://"
     else:
-        group, init_method = spawn_workers(world, config.device, _worker, (model, config))
+        group, init_method = spawn_workers(world, config.device, _worker, (model, config, layout))
         group.threads = torch.get_num_threads()
         share_cpu_threads(config.device, world, group.threads)
     try:
         if group.workers:
             await_workers(group, "joining", "starting")
         join_groups(group, init_method)
-        loaded, info = _load(model, config, group)
+        loaded, info = _load(model, config, group, layout)
         if group.workers:
             await_workers(group, "loaded", "loading its shard")
-        return loaded, info, TPModelRunner(loaded, config, group)
+        return loaded, info, TPModelRunner(loaded, config, group, layout)
     except BaseException:
         group.close()
         raise

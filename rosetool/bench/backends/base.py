@@ -48,6 +48,7 @@ class BackendConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     adapters: tuple[str, ...] = ()   # LoRA folders merged at load (rosetool backends)
+    expert_parallel_size: int = 1
     hf_static_cache: bool = False
     base_url: str | None = None
     served_model_name: str | None = None

@@ -38,6 +38,7 @@ class RosetoolBackend:
             enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel_size,
             adapters=cfg.adapters,
+            expert_parallel_size=cfg.expert_parallel_size,
         )
         self.vocab: Vocab = make_vocab(self.llm.tokenizer, getattr(self.llm.model_args, "vocab_size", None))
 

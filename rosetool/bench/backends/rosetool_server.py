@@ -19,7 +19,8 @@ def serve_args(cfg: BackendConfig) -> list[str]:
     """The engine options of the in-process backend, as `rosetool serve` flags."""
     args = [str(resolve_model(cfg)), "--served-model-name", cfg.served_model_name or model_label(cfg),
             "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            "--block-size", str(cfg.block_size)]
+            "--block-size", str(cfg.block_size), "--tp", str(cfg.tensor_parallel_size),
+            "--ep", str(cfg.expert_parallel_size)]
     for flag, value in (("--dtype", cfg.dtype), ("--device", cfg.device), ("--num-kv-blocks", cfg.num_kv_blocks),
                         ("--max-model-len", cfg.max_model_len)):
         if value is not None:
@@ -37,6 +38,11 @@ class RosetoolServerBackend:
     name = "rosetool-server"
 
     def __init__(self, cfg: BackendConfig):
+        if max(cfg.tensor_parallel_size, cfg.expert_parallel_size) > 1:   # a bad size: one line, no server started
+            from rosetool.converters.sources import open_checkpoint
+            from rosetool.runtime.tp_shard import check_shardable
+
+            check_shardable(open_checkpoint(resolve_model(cfg)), cfg.tensor_parallel_size, cfg.expert_parallel_size)
         self.server = ServerProcess(serve_args(cfg)).start()
         try:
             self.client = OpenAIBackend(replace(cfg, base_url=self.server.base_url))
