@@ -13,6 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed import checkpoint as dcp
@@ -35,6 +36,7 @@ from ..plan import expand_format
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
+from .bridge import RUN_CONFIG, args_from_provider, read_run_config
 from .layout import iteration_dir
 from .unpickler import load_dist_metadata, load_rank_file
 
@@ -136,20 +138,33 @@ def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
     return out
 
 
+def saved_args(folder: Path) -> tuple[Any, str, dict[str, Any], dict[str, Any] | None]:
+    """The model's args, the file they came from, `common.pt`'s contents, and Megatron-Bridge's run
+    config summary: Bridge saves no `common.pt`, only `run_config.yaml` (which wins where both exist,
+    as it does for Bridge's own loader)."""
+    if (folder / RUN_CONFIG).exists():
+        run = read_run_config(folder / RUN_CONFIG)
+        return args_from_provider(run.model, str(run.path)), str(run.path), {}, run.info()
+    common = load_rank_file(folder / "common.pt") if (folder / "common.pt").exists() else {}
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is None:
+        raise CheckpointError(f"{folder}: no Megatron-LM args (common.pt) and no Megatron-Bridge {RUN_CONFIG}; "
+                              f"rosetool needs one of them for the model shape")
+    return args, str(folder / "common.pt"), common, None
+
+
 def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
     folder, iteration = iteration_dir(root)
-    common = load_rank_file(folder / "common.pt") if (folder / "common.pt").exists() else {}
-    args = common.get("args")
-    if args is None:
-        raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")
+    args, where, common, bridge = saved_args(folder)
     metadata = read_metadata(folder)
     metas = _index(folder, metadata.state_dict_metadata)
-    fmt_name = K.detect_format(list(metas))
-    spec = spec_for_args(args, str(folder / "common.pt"))
-    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
+    spec = spec_for_args(args, where)
+    fmt_name = K.detect_format(list(metas), spec.formats)
+    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), where)
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"])}
     expand_format(spec, spec.format(fmt_name), config, params)   # fail early if the ops do not fit
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":
-                         common.get("checkpoint_version"), "args": summary(args)}}
+                         common.get("checkpoint_version"), "args": summary(args),
+                         **({"bridge": bridge} if bridge else {})}}
     return Checkpoint(root, fmt_name, spec, {}, config, metas, lambda k: _read(folder, metadata, metas[k]), [], info)
