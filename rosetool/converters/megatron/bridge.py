@@ -177,3 +177,78 @@ def args_from_provider(model: Mapping[str, Any], where: str) -> argparse.Namespa
     if mla:
         args.setdefault("kv_channels", model.get("v_head_dim"))
     return argparse.Namespace(**args)
+
+
+# --- writing: Bridge's layout around rosetool's torch_dist tensors ------------------------------------------
+
+GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
+MLA_PROVIDER = "megatron.bridge.models.mla_provider.MLAModelProvider"
+BRIDGE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+_GPT_SPEC = "megatron.bridge.models.gpt_provider."
+_BLOCK_SPEC = "megatron.core.models.gpt.gpt_layer_specs.get_gpt_decoder_block_spec"
+
+
+def _function(name: str) -> dict[str, Any]:
+    """How Bridge's YAML representer writes a function or dtype: named, not called."""
+    return {"_call_": False, "_target_": name}
+
+
+def layer_spec(mla: bool, key_layout: str) -> dict[str, Any]:
+    """The layer spec whose torch_dist names the tensors have. Dense layers key the same under both specs
+    (the local spec maps its norms onto TE's names); an MoE layer's pre-MLP norm and MLA's q/kv norms do not."""
+    te = key_layout != "megatron_dist_local" if mla else key_layout != "megatron_dist"
+    if mla:    # what Bridge's DeepSeek bridges set: functools.partial of megatron-core's block spec
+        return {"_target_": _BLOCK_SPEC, "_partial_": True, "_args_": [], "use_transformer_engine": te}
+    return _function(_GPT_SPEC + ("default_layer_spec" if te else "local_layer_spec"))
+
+
+def vocab_rows(vocab: int, tp: int) -> int:
+    """Bridge's import leaves the vocabulary unpadded (`should_pad_vocab: false`); that needs it to split
+    over TP, else it is padded as Megatron-LM pads it."""
+    step = 128 * tp
+    return vocab if vocab % tp == 0 else -(-vocab // step) * step
+
+
+def provider_section(args: argparse.Namespace, vocab: int, key_layout: str, hf_model_id: str | None) -> dict[str, Any]:
+    """The `model:` section Bridge's `AutoBridge` would write, from the Megatron-LM args rosetool derives from
+    the canonical config (the inverse of `args_from_provider`, so what one writes the other reads)."""
+    a = vars(args)
+    mla = bool(a.get("multi_latent_attention"))
+    activation = "torch.nn.functional.silu" if a["swiglu"] else \
+        "megatron.core.activations.fast_gelu" if a.get("openai_gelu") else "torch.nn.functional.gelu"
+    dtype = str(a["params_dtype"])
+    model = {"_target_": MLA_PROVIDER if mla else GPT_PROVIDER,
+             **{k: a[k] for k in _SAME if a.get(k) is not None},
+             "num_query_groups": a["num_query_groups"], "seq_length": a["max_position_embeddings"],
+             "vocab_size": vocab, "should_pad_vocab": a["padded_vocab_size"] != vocab,
+             "share_embeddings_and_output_weights": not a["untie_embeddings_and_output_weights"],
+             "position_embedding_type": a["position_embedding_type"], "rope_scaling": bool(a.get("use_rope_scaling")),
+             "gated_linear_unit": bool(a["swiglu"]), "activation_func": _function(activation),
+             "params_dtype": _function(dtype if dtype.startswith("torch.") else f"torch.{dtype}"),
+             "bf16": bool(a.get("bf16")), "fp16": bool(a.get("fp16")), "hidden_dropout": 0.0,
+             "attention_dropout": 0.0, "transformer_layer_spec": layer_spec(mla, key_layout),
+             "hf_model_id": hf_model_id, "expert_tensor_parallel_size": a.get("expert_tensor_parallel_size") or a["tensor_model_parallel_size"]}
+    if a.get("num_experts"):
+        model |= {"num_moe_experts": a["num_experts"], "moe_grouped_gemm": bool(a.get("moe_grouped_gemm")),
+                  "moe_token_dispatcher_type": a.get("moe_token_dispatcher_type", "alltoall")}
+    if mla:
+        model |= {"kv_channels": a["v_head_dim"], "rope_type": a["rope_type"]}   # the local core attention's width
+    return model
+
+
+def run_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The ConfigContainer Bridge's `save_megatron_model` dumps: the model, and a checkpoint section saying no
+    optimizer or RNG state was saved (Bridge's loader reads those flags before it loads)."""
+    return {"_target_": "megatron.bridge.training.config.ConfigContainer",
+            "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig", "async_save": False,
+                           "ckpt_format": "torch_dist", "save": None, "save_optim": False, "save_rng": False,
+                           "fully_parallel_save": True, "dist_ckpt_optim_fully_reshardable": True},
+            "dataset": None, "ddp": None, "dist": None, "model": model, "scheduler": None, "train": None,
+            "tokenizer": None if model.get("hf_model_id") is None else
+            {"_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
+             "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": model["hf_model_id"],
+             "hf_tokenizer_kwargs": {}}}
+
+
+def write_run_config(folder: Path, model: dict[str, Any]) -> None:
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump(run_config(model), sort_keys=True))
