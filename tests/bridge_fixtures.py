@@ -197,3 +197,40 @@ def bridge_checkpoint(hf: Path, ckpt: Path, layout: Layout, spec: str = "te", **
     to_bridge_layout(ckpt, tmp / "release", model)
     shutil.rmtree(tmp)
     return ckpt
+
+
+def _prefix_keys(metadata: Path, prefix: str) -> None:
+    """Rename every entry of a torch_dist `.metadata` (test code reading its own file): the data files locate
+    tensors by the offsets stored there, not by name."""
+    import pickle
+    from dataclasses import replace
+    md = pickle.loads(metadata.read_bytes())
+    md.state_dict_metadata = {prefix + k: v for k, v in md.state_dict_metadata.items()}
+    md.storage_data = {replace(k, fqn=prefix + k.fqn): v for k, v in md.storage_data.items()}
+    metadata.write_bytes(pickle.dumps(md))
+
+
+def nemo2_checkpoint(hf: Path, ckpt: Path) -> Path:
+    """NeMo 2's layout: `weights/` (torch_dist, every key under the wrapper's `module.`, vocabulary padded to 128,
+    a common.pt without args) and `context/model.yaml` whose `config:` holds the TransformerConfig fields."""
+    config = json.loads((hf / "config.json").read_text())
+    tmp = ckpt.parent / (ckpt.name + ".tensors")
+    convert(hf, tmp, LAYOUTS[(config["model_type"], "te")], writer=make_writer(ckpt_format="torch_dist"))
+    (ckpt / "context" / "nemo_tokenizer").mkdir(parents=True)
+    shutil.copytree(tmp / "release", ckpt / "weights")
+    shutil.rmtree(tmp)
+    torch.save({"checkpoint_version": 3.0}, ckpt / "weights" / "common.pt")
+    _prefix_keys(ckpt / "weights" / ".metadata", "module.")
+    family = config["model_type"].replace("_", "")
+    section = {k: v for k, v in model_section(config, Layout(), "te").items() if k not in ("hf_model_id",
+                                                                                           "should_pad_vocab")}
+    section |= {"_target_": f"nemo.collections.llm.gpt.model.{family}.{family.capitalize()}Config",
+                "make_vocab_size_divisible_by": 128}    # NeMo's GPTConfig default; it always pads
+    (ckpt / "context" / "model.yaml").write_text(yaml.safe_dump({
+        "_target_": f"nemo.collections.llm.gpt.model.{family}.{family.capitalize()}Model", "config": section,
+        "tokenizer": {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                      "pretrained_model_name": "nemo_tokenizer"}}))
+    (ckpt / "context" / "io.json").write_text("{}")
+    for name, text in TOKENIZER.items():
+        (ckpt / "context" / "nemo_tokenizer" / name).write_text(text)
+    return ckpt

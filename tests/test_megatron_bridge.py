@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 from transformers import AutoConfig
-from bridge_fixtures import TOKENIZER, bridge_checkpoint, config_defaults, model_section, to_bridge_layout
+from bridge_fixtures import (TOKENIZER, bridge_checkpoint, config_defaults, model_section, nemo2_checkpoint,
+                             to_bridge_layout)
 from conftest import build_hf
 from family_checks import tensors
 from moe_models import build_moe_hf
@@ -234,3 +235,27 @@ def test_the_neutral_values_are_megatron_cores_defaults() -> None:
     assert len(known) >= 10, sorted(known)
     for field, neutral in known.items():
         assert defaults[field] == neutral[0], field
+
+
+# --- NeMo 2: weights/ (torch_dist) + context/model.yaml, the same provider fields -------------------------
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_a_nemo2_checkpoint_exports_bit_identical_to_the_hf_source(name, cli, tmp_path) -> None:
+    build, _ = SOURCES[name]
+    hf = build(tmp_path / "hf")
+    ckpt = nemo2_checkpoint(hf, tmp_path / "nemo")
+    ok(cli, "convert", "megatron-to-hf", ckpt, tmp_path / "back")
+    same_tensors(hf, tmp_path / "back")
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == TOKENIZER["tokenizer.json"]
+    data = json.loads(ok(cli, "inspect", ckpt, "--json"))
+    assert data["info"]["megatron"]["bridge"]["format"] == "NeMo 2"
+    assert data["info"]["params"]["padded_vocab_size"] == 128
+
+
+def test_a_nemo2_config_naming_other_code_is_refused(cli, tmp_path, canary) -> None:
+    ckpt = nemo2_checkpoint(build_hf("qwen3", tmp_path / "hf", head_dim=24), tmp_path / "nemo")
+    path = ckpt / "context" / "model.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["config"]["_target_"] = "rosetool_canary.run"
+    path.write_text(yaml.safe_dump(data))
+    assert "is not a NeMo 2 model config" in refused(cli, "inspect", ckpt)

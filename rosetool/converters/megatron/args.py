@@ -71,7 +71,8 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
     swiglu = getattr(args, "swiglu", False)
     rope = getattr(args, "position_embedding_type", "learned_absolute") == "rope"
     return {
-        "vocab_size": vocab_size or getattr(args, "padded_vocab_size", None),
+        # Megatron-LM's --vocab-size (and Bridge's and NeMo's vocab_size) is the unpadded one
+        "vocab_size": vocab_size or getattr(args, "vocab_size", None) or getattr(args, "padded_vocab_size", None),
         "hidden_size": args.hidden_size, "num_layers": args.num_layers, "num_heads": heads,
         "num_kv_heads": args.num_query_groups if getattr(args, "group_query_attention", False) else heads,
         "head_dim": getattr(args, "kv_channels", None) or args.hidden_size // heads,

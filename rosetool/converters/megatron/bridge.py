@@ -25,6 +25,8 @@ from ...errors import CheckpointError
 
 RUN_CONFIG = "run_config.yaml"
 PROVIDER_PREFIX = "megatron.bridge.models."
+NEMO_CONFIG = ("context", "model.yaml")    # NeMo 2: CKPT/weights/ (torch_dist) + CKPT/context/model.yaml
+NEMO_PREFIX = "nemo.collections.llm."
 # providers of models that are not one GPTModel decoder (hybrid Mamba, encoder-decoder, vision-language)
 _OTHER_MODELS = ("mamba", "hybrid", "nemotronh", "t5", "bert", "vl", "vision", "omni", "audio", "llava", "mimo")
 # activation `_target_`s as Bridge's YAML representer names them (F.gelu is a C function: its module is torch._C._nn)
@@ -94,21 +96,23 @@ def target(value: Any) -> str | None:
     return value.get("_target_") if isinstance(value, Mapping) and isinstance(value.get("_target_"), str) else None
 
 
-def read_run_config(path: Path) -> RunConfig:
+def read_run_config(path: Path, section: str = "model", prefix: str = PROVIDER_PREFIX,
+                    what: str = "Megatron-Bridge model provider") -> RunConfig:
     """Parse with `yaml.safe_load` (no python/object tags, no `_target_` instantiation) and check the
-    model section is a GPT model provider."""
+    model section is a GPT model provider. NeMo 2's `context/model.yaml` holds the same fields (a
+    megatron-core TransformerConfig subclass) under `config:`."""
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: not a Megatron-Bridge run config ({reason})") from None
-    model = data.get("model") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: not a {what} config ({reason})") from None
+    model = data.get(section) if isinstance(data, dict) else None
     if not isinstance(model, dict):
-        raise CheckpointError(f"{path}: no 'model:' section (the model provider Megatron-Bridge saves)")
+        raise CheckpointError(f"{path}: no '{section}:' section (the {what} it saves)")
     provider = target(model)
-    if not provider or not provider.startswith(PROVIDER_PREFIX):
-        raise CheckpointError(f"{path}: model._target_ {provider!r} is not a Megatron-Bridge model provider "
-                              f"({PROVIDER_PREFIX}*); rosetool reads the fields as data and imports nothing")
+    if not provider or not provider.startswith(prefix):
+        raise CheckpointError(f"{path}: {section}._target_ {provider!r} is not a {what} ({prefix}*); "
+                              f"rosetool reads the fields as data and imports nothing")
     name = provider.rsplit(".", 1)[-1].lower()
     if any(word in name for word in _OTHER_MODELS):
         raise CheckpointError(f"{path}: model provider {provider} is not a GPT decoder rosetool converts")
