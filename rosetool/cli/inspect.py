@@ -137,6 +137,8 @@ def _print_megatron(data: dict[str, Any]) -> None:
     for k, v in meg.get("args", {}).items():
         args.add_row(k, str(v))
     out.print(args)
+    if "bridge" in meg:
+        _print_bridge(meg["bridge"])
     if not data["ranks"]:
         return
     ranks = Table("file", "TP rank", "PP stage", "tensors", "bytes", title=f"rank layout: {_parallel(data)}, "
@@ -146,6 +148,18 @@ def _print_megatron(data: dict[str, Any]) -> None:
                       f"{r['bytes']:,}")
     ranks.add_row("total", "", "", "", f"{sum(r['bytes'] for r in data['ranks']):,}")
     out.print(ranks)
+
+
+def _print_bridge(bridge: dict[str, Any]) -> None:
+    """Megatron-Bridge's run config: which provider built the model, where from, at what parallel sizes."""
+    saved = bridge["saved_parallel"]
+    sizes = " x ".join(f"{k}={saved[n] or 1}" for k, n in (("TP", "tensor"), ("PP", "pipeline"), ("EP", "expert"),
+                                                           ("ETP", "expert_tensor")))
+    table = Table(title="Megatron-Bridge run config", show_header=False)
+    for k, v in [("provider", bridge["provider"]), ("saved at", sizes), ("hf_model_id", bridge["hf_model_id"]),
+                 ("layer spec", bridge["transformer_layer_spec"]), ("run config", bridge["run_config"])]:
+        table.add_row(k, str(v))
+    out.print(table)
 
 
 def inspect(path: str = typer.Argument(..., help="Checkpoint folder (HF, native or Megatron) or cached hub id."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,9 @@ TpOpt = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the output.
 PpOpt = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the output (layers split evenly).")
 EpOpt = typer.Option(1, "--ep", min=1, help="Expert-parallel size of the output (MoE models: experts split "
                      "evenly; experts are cut over TP like Megatron-LM's default expert tensor parallelism).")
+BridgeOpt = typer.Option(False, "--bridge", help="Megatron-Bridge's layout: iter_0000000/ with run_config.yaml "
+                         "(the model provider Bridge builds from), metadata.json and tokenizer/, no common.pt; "
+                         "implies --format torch_dist.")
 VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim the padded Megatron vocabulary "
                         "to, for checkpoints rosetool did not write (default: the one recorded, else no trim).")
 
@@ -29,7 +33,12 @@ VocabOpt = typer.Option(None, "--vocab-size", help="HF vocabulary size to trim t
 def _run(src: str | Checkpoint, dst: Path, to: str, dtype: str | None, force: bool, as_json: bool, strict: bool,
          layout: Layout | None = None, max_shard_size: str | None = None, tokenizer: str | None = None,
          adapters: list[str] | None = None, **writer_args: object) -> ConvertResult:
-    params = {"tensor_parallel": layout.tp} if layout else None
+    params: dict[str, object] | None = {"tensor_parallel": layout.tp} if layout else None
+    if writer_args.get("bridge") and layout:    # the vocabulary as Bridge's import leaves it
+        from ..converters.megatron.bridge import vocab_rows
+        from ..converters.sources import open_checkpoint
+        src = src if not isinstance(src, str) else open_checkpoint(src)
+        params = {**(params or {}), "padded_vocab_size": vocab_rows(src.config["vocab_size"], layout.tp)}
     writer = make_writer(layout, **writer_args) if layout else None
     return run_conversion(src, dst, to, dtype, max_shard_size, force, as_json, params, writer, tokenizer,
                           strict=strict, adapters=adapters)
@@ -45,11 +54,14 @@ def _open(src: str, vocab_size: int | None) -> Checkpoint:
 
 
 def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
-                   ckpt_format: str = typer.Option("torch", "--format", help="torch (one file per TP/PP rank) or "
-                                                   "torch_dist (global tensors, MoE experts included; TP/PP/EP only set vocab padding and args)."),
+                   ckpt_format: str | None = typer.Option(None, "--format", help="torch (one file per TP/PP rank; "
+                                                          "the default) or torch_dist (global tensors, MoE experts "
+                                                          "included; TP/PP/EP only set vocab padding and args)."),
                    te_layout: bool = typer.Option(False, "--te-layout", help="Transformer Engine keys "
                                                   "(norms fused into linear_qkv / linear_fc1); torch_dist always "
-                                                  "uses them."),
+                                                  "uses them for dense layers, and with this flag an MoE layer "
+                                                  "keeps its own pre-MLP norm as TE's spec does."),
+                   bridge: bool = BridgeOpt,
                    legacy: bool = typer.Option(False, "--legacy", help="Legacy Megatron-LM model keys "
                                                "(language_model.*), torch format only."),
                    dtype: str | None = DtypeOpt, force: bool = ForceOpt, as_json: bool = JsonOpt,
@@ -75,8 +87,11 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
     DeepSeek with attention biases, raw (unnormalised) sigmoid weights, expert-group
     scores other than megatron-core's sum of the best top-k // topk_group, or rms_norm_eps other than 1e-6.
     """
+    ckpt_format = ckpt_format or ("torch_dist" if bridge else "torch")
     if ckpt_format not in ("torch", "torch_dist"):
         raise RosetoolError(f"--format {ckpt_format}: choose torch or torch_dist")
+    if bridge and ckpt_format != "torch_dist":
+        raise RosetoolError("--bridge writes Megatron-Bridge's torch_dist layout; it excludes --format torch")
     if legacy and (te_layout or ckpt_format == "torch_dist"):
         raise RosetoolError("--legacy is the torch-format legacy model; it excludes --te-layout and torch_dist")
     if Path(src).is_dir() and is_megatron(Path(src)):
@@ -92,8 +107,25 @@ def hf_to_megatron(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = P
     if ckpt_format == "torch_dist":    # MoE specs have torch_dist's own expert layout
         from ..converters.sources import open_checkpoint
         src = open_checkpoint(src)
-        to = "megatron_dist" if "megatron_dist" in src.spec.formats else to
-    _run(src, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), adapters=adapter, ckpt_format=ckpt_format)
+        # Transformer Engine names by default (MLA too); an MoE layer's pre-MLP norm as the local spec keys it
+        # unless --te-layout
+        te_names = te_layout or "megatron_dist_local" in src.spec.formats
+        to = dist_layout(src.spec.formats, "megatron_te" if te_names else "megatron")
+    _run(src, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), adapters=adapter, ckpt_format=ckpt_format,
+         **({"bridge": True} if bridge else {}))
+
+
+def dist_layout(formats: Collection[str], layout: str) -> str:
+    """The torch_dist key layout for a torch-format one: MoE and MLA specs have their own (local or Transformer
+    Engine names), dense layers key as TE does under either spec."""
+    if layout.startswith("megatron_dist"):
+        return layout
+    te = layout == "megatron_te"
+    if "megatron_dist_local" in formats:
+        return "megatron_dist" if te else "megatron_dist_local"
+    if "megatron_dist" in formats:
+        return "megatron_dist_te" if te and "megatron_dist_te" in formats else "megatron_dist"
+    return "megatron_te"
 
 
 def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = VocabOpt,
@@ -114,11 +146,23 @@ def megatron_to_hf(src: str = Src, dst: Path = Dst, vocab_size: int | None = Voc
 
 
 def reshard(src: str = Src, dst: Path = Dst, tp: int = TpOpt, pp: int = PpOpt, ep: int = EpOpt,
-            vocab_size: int | None = VocabOpt, dtype: str | None = DtypeOpt, force: bool = ForceOpt,
-            as_json: bool = JsonOpt, strict: bool = StrictOpt, adapter: list[str] | None = AdapterOpt) -> None:
-    """Megatron checkpoint -> the same model at another TP/PP/EP layout (same key layout, same iteration)."""
+            vocab_size: int | None = VocabOpt, dtype: str | None = DtypeOpt, bridge: bool = BridgeOpt,
+            force: bool = ForceOpt, as_json: bool = JsonOpt, strict: bool = StrictOpt,
+            adapter: list[str] | None = AdapterOpt) -> None:
+    """Megatron checkpoint -> the same model at another TP/PP/EP layout (same key layout, same iteration).
+
+    The output is torch format, or with --bridge Megatron-Bridge's torch_dist layout."""
     ckpt = _open(src, vocab_size)
     iteration = ckpt.info.get("iteration", "release")
+    if bridge:
+        if ckpt.format == "megatron_legacy":
+            raise RosetoolError(f"{ckpt.path}: legacy Megatron-LM keys (language_model.*) have no torch_dist "
+                                f"layout; reshard to torch format first")
+        to = dist_layout(ckpt.spec.formats, ckpt.format)
+        _run(ckpt, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), iteration=iteration,
+             ckpt_format="torch_dist", bridge=True)
+        return
     # the output is torch format, in the spec torch_dist's names came from
-    to = {"megatron_dist": "megatron_te", "megatron_dist_local": "megatron"}.get(ckpt.format, ckpt.format)
+    to = {"megatron_dist": "megatron_te", "megatron_dist_local": "megatron",
+          "megatron_dist_te": "megatron_te"}.get(ckpt.format, ckpt.format)
     _run(ckpt, dst, to, dtype, force, as_json, strict, Layout(tp, pp, ep), adapters=adapter, iteration=iteration)

@@ -19,6 +19,7 @@ from ...canonical import LATENT_NORM_EPS
 from ...mappings import expr
 from ...mappings.spec import ArchSpec, get_spec
 from .layout import Layout
+from .lm_defaults import megatron_lm_defaults
 
 CHECKPOINT_VERSION = 3.0
 # Megatron-LM's --use-rope-scaling is Llama-3.1 scaling with these constants; only the factor is an arg.
@@ -70,7 +71,8 @@ def config_from_args(args: Any, vocab_size: int | None = None) -> dict[str, Any]
     swiglu = getattr(args, "swiglu", False)
     rope = getattr(args, "position_embedding_type", "learned_absolute") == "rope"
     return {
-        "vocab_size": vocab_size or getattr(args, "padded_vocab_size", None),
+        # Megatron-LM's --vocab-size (and Bridge's and NeMo's vocab_size) is the unpadded one
+        "vocab_size": vocab_size or getattr(args, "vocab_size", None) or getattr(args, "padded_vocab_size", None),
         "hidden_size": args.hidden_size, "num_layers": args.num_layers, "num_heads": heads,
         "num_kv_heads": args.num_query_groups if getattr(args, "group_query_attention", False) else heads,
         "head_dim": getattr(args, "kv_channels", None) or args.hidden_size // heads,
@@ -222,8 +224,8 @@ def _mla_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_vocab: int, divisible_by: int,
               dtype: torch.dtype, ckpt_format: str, legacy: bool = False, te: bool = False,
               where: object = "") -> argparse.Namespace:
-    """The fields Megatron-LM reads back with --use-checkpoint-args, plus rosetool's own. What Megatron
-    cannot express is refused here, before a file is written, naming the source (`where`)."""
+    """Every field Megatron-LM's parse_args defines (its defaults), the model's values set, plus rosetool's
+    own. What Megatron cannot express is refused here, before a file is written, naming the source (`where`)."""
     rope = cfg["position"] == "rope"
     try:
         mla, moe = _mla_args(cfg), _moe_args(cfg, layout, te)   # their specific reasons before the general ones
@@ -231,7 +233,7 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
     except RosetoolError as exc:
         raise RosetoolError(f"{where}: {spec.architecture or spec.name} ({spec.name}) cannot be written for "
                             f"Megatron: {exc}") from None
-    return argparse.Namespace(
+    model = dict(
         **({} if mla else _rope_scaling_args(cfg.get("rope_scaling"))),
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=cfg["num_heads"], num_query_groups=cfg["num_kv_heads"],
@@ -252,6 +254,7 @@ def make_args(spec: ArchSpec, cfg: Mapping[str, Any], layout: Layout, padded_voc
         transformer_impl="transformer_engine" if te else "local", checkpoint_version=CHECKPOINT_VERSION,
         **moe, **{k: v for k, v in mla.items() if k != "qk_layernorm"},
         rosetool_architecture=spec.name, rosetool_config=dict(cfg))
+    return argparse.Namespace(**{**megatron_lm_defaults(), **model})
 
 
 def refuse_inexpressible(cfg: Mapping[str, Any]) -> None:

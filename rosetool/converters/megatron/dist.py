@@ -13,6 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed import checkpoint as dcp
@@ -37,11 +38,13 @@ from ..plan import check_source_counts, expand_format
 from ..sources import Checkpoint
 from . import keys as K
 from .args import config_from_args, spec_for_args, summary
+from .bridge import NEMO_CONFIG, NEMO_PREFIX, RUN_CONFIG, args_from_provider, read_run_config
 from .dcp_errors import CheckpointException, first_failure, reason
 from .layout import iteration_dir
 from .unpickler import load_dist_metadata, load_rank_file
 
 _STACKED = re.compile(r"^(.*\blayers)\.([a-z_].*)$")
+_WRAPPER = re.compile(r"^(module\.)+")
 
 
 @dataclass(frozen=True)
@@ -135,35 +138,62 @@ def _index(folder: Path, stored: dict) -> dict[str, DistTensor]:
     for fqn, md in stored.items():
         if not isinstance(md, TensorStorageMetadata) or "_extra_state" in fqn:
             continue
-        stacked, experts = _STACKED.match(fqn), K.DIST_EXPERTS.search(fqn)
+        name = _WRAPPER.sub("", fqn)     # NeMo 2 saves the model under its wrapper's `module.`
+        stacked, experts = _STACKED.match(name), K.DIST_EXPERTS.search(name)
         dims = bool(stacked) + bool(experts)
         if len(md.size) < dims:
             raise CheckpointError(f"{folder / '.metadata'}: tensor {fqn!r} has shape {list(md.size)}, "
                                   f"too few dims for its stacked layers/experts")
         for lead in itertools.product(*(range(n) for n in md.size[:dims])):
-            key = f"{stacked.group(1)}.{lead[0]}.{stacked.group(2)}" if stacked else fqn
+            key = f"{stacked.group(1)}.{lead[0]}.{stacked.group(2)}" if stacked else name
             key += str(lead[-1]) if experts else ""
             out[key] = DistTensor(key, md.properties.dtype, tuple(md.size[dims:]), folder / ".metadata", fqn, lead)
     return out
 
 
-def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
-    folder, iteration = iteration_dir(root)
+def nemo_config(folder: Path) -> Path | None:
+    """NeMo 2's `context/model.yaml` when `folder` is its `weights/`."""
+    path = folder.parent.joinpath(*NEMO_CONFIG)
+    return path if folder.name == "weights" and path.is_file() else None
+
+
+def saved_args(folder: Path, rows: int | None) -> tuple[Any, str, dict[str, Any], dict[str, Any] | None]:
+    """The model's args, the file they came from, `common.pt`'s contents, and Megatron-Bridge's run
+    config summary: Bridge saves no `common.pt`, only `run_config.yaml` (which wins where both exist,
+    as it does for Bridge's own loader). NeMo 2 keeps the same provider fields in `context/model.yaml`
+    and always pads the vocabulary (`rows`: the embedding's, for a config without `vocab_size`)."""
+    if (folder / RUN_CONFIG).exists():
+        run = read_run_config(folder / RUN_CONFIG)
+        return args_from_provider(run.model, str(run.path)), str(run.path), {}, run.info()
+    nemo = nemo_config(folder)
+    if nemo:
+        run = read_run_config(nemo, "config", NEMO_PREFIX, "NeMo 2 model config")
+        model = {"should_pad_vocab": True, **run.model, "vocab_size": run.model.get("vocab_size") or rows}
+        return args_from_provider(model, str(nemo)), str(nemo), {}, {**run.info(), "format": "NeMo 2"}
     common = load_rank_file(inside(folder, "common.pt", folder / "common.pt")) \
         if (folder / "common.pt").exists() or (folder / "common.pt").is_symlink() else {}
-    args = common.get("args")
+    args = common.get("args") if isinstance(common, dict) else None
     if args is None:
-        raise CheckpointError(f"{folder / 'common.pt'}: no 'args' saved; rosetool needs them for the model shape")
+        raise CheckpointError(f"{folder}: no Megatron-LM args (common.pt) and no Megatron-Bridge {RUN_CONFIG}; "
+                              f"rosetool needs one of them for the model shape")
+    return args, str(folder / "common.pt"), common, None
+
+
+def open_megatron_dist(root: Path, vocab_size: int | None = None) -> Checkpoint:
+    folder, iteration = (root / "weights", "release") if nemo_config(root / "weights") else iteration_dir(root)
     metadata = read_metadata(folder)
     metas = _index(folder, metadata.state_dict_metadata)
-    fmt_name = K.detect_format(list(metas))
-    check_layer_count(getattr(args, "num_layers", None), len(metas), str(folder / "common.pt"))
-    spec = spec_for_args(args, str(folder / "common.pt"))
-    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), str(folder / "common.pt"))
+    embedding = metas.get("embedding.word_embeddings.weight")
+    args, where, common, bridge = saved_args(folder, embedding.shape[0] if embedding else None)
+    check_layer_count(getattr(args, "num_layers", None), len(metas), where)
+    spec = spec_for_args(args, where)
+    fmt_name = K.detect_format(list(metas), spec.formats)
+    config = read_config(spec, spec.format(fmt_name), config_from_args(args, vocab_size), where)
     params = {"padded_vocab_size": getattr(args, "padded_vocab_size", config["vocab_size"])}
     check_source_counts(spec, spec.format(fmt_name), config, params, metas, folder / "common.pt")
     expand_format(spec, spec.format(fmt_name), config, params)   # fail early if the ops do not fit
     info = {"params": params, "iteration": iteration,
             "megatron": {"format": "torch_dist", "layout": fmt_name, "checkpoint_version":
-                         common.get("checkpoint_version"), "args": summary(args)}}
+                         common.get("checkpoint_version"), "args": summary(args),
+                         **({"bridge": bridge} if bridge else {})}}
     return Checkpoint(root, fmt_name, spec, {}, config, metas, lambda k: _read(folder, metadata, metas[k]), [], info)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,9 +36,10 @@ from torch.distributed.checkpoint.planner import (
 from ..execute import execute
 from ..plan import Group, Plan, format_env
 from ..sinks import DictSink
-from ..sources import Checkpoint
+from ..sources import TOKENIZER_FILES, Checkpoint
 from . import keys as K
 from .args import CHECKPOINT_VERSION, make_args
+from .bridge import BRIDGE_METADATA, provider_section, vocab_rows, write_run_config
 from .dcp_errors import CheckpointException, first_failure
 from .layout import SINGLE, TRACKER, Layout
 
@@ -114,17 +116,27 @@ def _extra_state(keys: list[str], modules: set[str], cfg: dict[str, Any]) -> lis
 
 def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch.dtype | None,
                         max_shard_size: int | None, on_tensor: Callable[[int], None] | None, *,
-                        layout: Layout = SINGLE, iteration: int | str = "release") -> None:
+                        layout: Layout = SINGLE, iteration: int | str = "release", bridge: bool = False) -> None:
+    """`bridge`: Megatron-Bridge's layout (run_config.yaml instead of common.pt, the vocabulary as Bridge's
+    import leaves it, the tokenizer in the iteration's tokenizer/) at iteration 0 unless one is given."""
     cfg, fmt = plan.config, ckpt.spec.format(plan.dst_format)
-    env = format_env(fmt, cfg, {"tensor_parallel": layout.tp})
+    given = {"tensor_parallel": layout.tp}
+    if bridge:
+        given["padded_vocab_size"] = vocab_rows(cfg["vocab_size"], layout.tp)
+        iteration = 0 if iteration == "release" else iteration
+    env = format_env(fmt, cfg, given)
     target = folder / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
     target.mkdir()
     out_dtype = plan.outputs[0][1] if plan.outputs else torch.float32
     args = make_args(ckpt.spec, cfg, layout, env["padded_vocab_size"], env["make_vocab_size_divisible_by"],
                      out_dtype, "torch_dist", te=True, where=ckpt.path)
-    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION,
-                "iteration": 0 if iteration == "release" else int(iteration)}, target / "common.pt")
-    (target / "metadata.json").write_text(json.dumps(METADATA))
+    step = 0 if iteration == "release" else int(iteration)
+    # Bridge 0.6 (megatron-core 0.19) keeps this inside the .distcp files; megatron-core up to 0.18, and
+    # Megatron-LM and Bridge's fallback to its args, read common.pt, which 0.19 still reads first
+    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}, target / "common.pt")
+    if bridge:
+        _bridge_files(ckpt, target, args, cfg["vocab_size"], plan.dst_format, step)
+    (target / "metadata.json").write_text(json.dumps(BRIDGE_METADATA if bridge else METADATA))
     items = [_tensor_item(k, d, s, cfg) for k, d, s in plan.outputs]
     keys = {(i.index.fqn, i.index.offset): k for i, (k, _, _) in zip(items, plan.outputs)}
     extra = _extra_state([k for k, _, _ in plan.outputs], set(fmt.write.get("extra_state", [])), cfg)
@@ -146,6 +158,25 @@ def write_megatron_dist(ckpt: Checkpoint, plan: Plan, folder: Path, dtype: torch
     except CheckpointException as exc:   # a BaseException: give back what failed (bad input, full disk, a bug)
         raise first_failure(exc) from None
     (folder / TRACKER).write_text(f"{iteration}\n")
+    if bridge:
+        shutil.copy2(target / "train_state.pt", folder / "latest_train_state.pt")
+
+
+def _bridge_files(ckpt: Checkpoint, target: Path, args: Any, vocab: int, key_layout: str, step: int) -> None:
+    """run_config.yaml, train_state.pt (Bridge's TrainState: plain tensors) and tokenizer/."""
+    source = ckpt.info.get("megatron", {}).get("bridge", {}).get("hf_model_id") if ckpt.format != "hf" \
+        else str(Path(ckpt.path).resolve())
+    write_run_config(target, provider_section(args, vocab, key_layout, source))
+    torch.save({"step": torch.tensor(step), "consumed_train_samples": torch.tensor(0),
+                "skipped_train_samples": torch.tensor(0), "consumed_valid_samples": torch.tensor(0),
+                "floating_point_operations_so_far": torch.tensor(0.0, dtype=torch.float64),
+                "do_train": torch.tensor(False), "do_valid": torch.tensor(False), "do_test": torch.tensor(False)},
+               target / "train_state.pt")
+    tokenizer = [f for f in ckpt.extra_files if f.name in TOKENIZER_FILES]
+    if tokenizer:
+        (target / "tokenizer").mkdir()
+        for f in tokenizer:
+            shutil.copy2(f, target / "tokenizer" / f.name)
 
 
 def _convert(plan: Plan, group: Group, ckpt: Checkpoint, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -26,8 +26,11 @@ _LEGACY_ALIASES = [
 # torch_dist holds every expert of a layer in one tensor, by global expert number; rosetool names expert e's
 # slice of it `...weight{e}` (the TE grouped spelling), so specs address experts one by one.
 DIST_EXPERTS = re.compile(r"\.experts\.experts\.linear_fc[12]\.weight(\d*)$")
-# key layout -> format, first match wins; a tuple needs all its parts (megatron-core's local-spec MLA in torch_dist)
+# key layout -> format, first match that the architecture has wins; a tuple needs all its parts: megatron-core's
+# local-spec MLA in torch_dist, and a Transformer Engine MoE layer's own pre-MLP norm (the local spec keys it as
+# `mlp.linear_fc1.layer_norm_weight`; DeepSeek's TE layout has it too and no `megatron_dist_te`)
 FORMAT_MARKERS = [("language_model.", "megatron_legacy"), ((".experts.experts.", ".kv_layernorm."), "megatron_dist_local"),
+                  ((".experts.experts.", ".pre_mlp_layernorm."), "megatron_dist_te"),
                   (".experts.experts.", "megatron_dist"), (".linear_qkv.layer_norm_weight", "megatron_te"),
                   (".linear_kv_up_proj.layer_norm_weight", "megatron_te")]
 
@@ -58,9 +61,9 @@ def normalize(key: str) -> str:
     return key
 
 
-def detect_format(keys: list[str]) -> str:
+def detect_format(keys: list[str], formats: Collection[str] | None = None) -> str:
     for marker, name in FORMAT_MARKERS:
-        if all(any(part in k for k in keys) for part in ((marker,) if isinstance(marker, str) else marker)):
+        if (formats is None or name in formats) and all(any(part in k for k in keys) for part in ((marker,) if isinstance(marker, str) else marker)):
             return name
     return "megatron"
 

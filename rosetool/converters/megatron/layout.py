@@ -76,8 +76,13 @@ def is_torch_dist(folder: Path) -> bool:
     return (folder / ".metadata").exists()
 
 
+def is_nemo2(root: Path) -> bool:
+    """NeMo 2's layout: torch_dist tensors in `weights/`, the model config in `context/model.yaml`."""
+    return is_torch_dist(root / "weights") and (root / "context" / "model.yaml").is_file()
+
+
 def is_megatron(root: Path) -> bool:
-    if (root / TRACKER).exists():
+    if (root / TRACKER).exists() or is_nemo2(root):
         return True
     return is_torch_dist(root) or any(_RANK_DIR.match(p.name) for p in root.glob("mp_rank_*"))
 
