@@ -14,6 +14,7 @@ compressed-tensors' per-channel FP8 (`scale = amax / 448`).
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -45,18 +46,29 @@ def scale_as_float(scale: torch.Tensor) -> torch.Tensor:
     return e8m0_to_float(scale) if scale.dtype in (torch.uint8, e8m0) else scale.to(torch.float32)
 
 
-_LUTS: dict[torch.dtype, np.ndarray] = {}
+_PAIRS: dict[torch.dtype, np.ndarray] = {}
+
+
+def _pair_table(dtype: torch.dtype) -> np.ndarray:
+    """fp32 values of every two consecutive FP8 codes, as one uint64 per uint16 of codes (512 KiB, so it
+    stays in cache): one lookup yields two floats."""
+    table = _PAIRS.get(dtype)
+    if table is None:
+        one = torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy().view(np.uint32).astype(np.uint64)
+        low_first = one[None, :] | one[:, None] << np.uint64(32)   # [hi, lo]: the first code is the low half
+        table = _PAIRS[dtype] = low_first.reshape(-1) if sys.byteorder == "little" else \
+            (one[:, None] | one[None, :] << np.uint64(32)).reshape(-1)
+    return table
 
 
 def codes_to_float(q: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 value of each code. FP8 goes through a 256-entry table (numpy indexes by byte at several
-    times the speed of torch's scalar float8 conversion on CPU); anything else is a plain cast."""
-    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or q.device.type != "cpu":
-        return q.to(torch.float32, copy=True)   # a fresh tensor: the caller scales it in place
-    lut = _LUTS.get(q.dtype)
-    if lut is None:
-        lut = _LUTS[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).float().numpy()
-    return torch.from_numpy(lut[q.contiguous().view(torch.uint8).numpy()])
+    """Exact fp32 value of each code, as a fresh tensor (the caller scales it in place). FP8 on CPU goes
+    through a table of code pairs, about twice the speed of torch's float8 cast on two threads; anything
+    else is a plain cast."""
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or q.device.type != "cpu" or q.numel() % 2:
+        return q.to(torch.float32, copy=True)
+    pairs = q.contiguous().view(-1).view(torch.uint8).numpy().view(np.uint16)
+    return torch.from_numpy(_pair_table(q.dtype)[pairs].view(np.float32)).view(q.shape)
 
 
 def _scale_blocks(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
@@ -83,7 +95,9 @@ def _scale_blocks(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> N
 def dequant_scaled(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                    out: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """FP8 or INT values times their scale: one scalar, per row ([N, 1]), per group or per block. The
-    product is an fp32 multiply, as the published formula and DeepSeek's kernel form it, rounded to `out` once."""
+    product is an fp32 multiply, as the published formula and DeepSeek's kernel form it, rounded to `out`
+    once. Whole tensors at a time: banding rows through cache measured no faster (many small ops, each
+    waking torch's thread pool)."""
     s = scale_as_float(scale)
     x = codes_to_float(q)
     if block is None:
