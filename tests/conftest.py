@@ -96,6 +96,30 @@ def tp_workers() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("rosetool-tp-")]
 
 
+def assert_a_killed_rank_ends_the_run(llm) -> None:
+    """SIGKILL rank 1 of `llm` (two processes) mid-request: one line within 15 s, no worker left behind,
+    and `close()` after the failure raises nothing."""
+    import os
+    import signal
+    import time
+
+    from rosetool.errors import RosetoolError
+    from rosetool.runtime import SamplingParams
+
+    (worker,) = llm.runner.group.workers
+    llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    llm.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RosetoolError) as err:
+        while llm.has_unfinished():
+            llm.step()
+    assert time.monotonic() - start < 15
+    assert str(err.value) == "tensor-parallel rank 1 died mid-run (killed by signal 9)"
+    assert not tp_workers()
+    llm.close()
+
+
 @pytest.fixture
 def cli80(cli, monkeypatch):
     """`cli` at a terminal 80 columns wide, as a newcomer's: help, tables and messages wrap there."""

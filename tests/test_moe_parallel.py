@@ -12,18 +12,14 @@ shared expert or a bias twice, or an expert weighted on two ranks, changes the t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tp_workers
+from conftest import assert_a_killed_rank_ends_the_run, tp_workers
 from rosetool.converters.api import convert
 from rosetool.converters.sources import open_checkpoint
-from rosetool.errors import RosetoolError
 from rosetool.runtime import LLM, SamplingParams
 from rosetool.runtime.layout import ParallelLayout
 from rosetool.runtime.tp_shard import shard_state
@@ -184,19 +180,7 @@ def test_generate_and_bench_take_ep(qwen2_moe, cli):
 
 def test_a_killed_expert_rank_ends_the_run_with_one_line(qwen2_moe):
     path, _ = qwen2_moe
-    llm = LLM(path, device="cpu", dtype="float32", expert_parallel_size=2)
-    (worker,) = llm.runner.group.workers
-    llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
-    llm.step()
-    os.kill(worker.pid, signal.SIGKILL)
-    start = time.monotonic()
-    with pytest.raises(RosetoolError) as err:
-        while llm.has_unfinished():
-            llm.step()
-    assert time.monotonic() - start < 15
-    assert str(err.value) == "tensor-parallel rank 1 died mid-run (killed by signal 9)"
-    assert not tp_workers()
-    llm.close()
+    assert_a_killed_rank_ends_the_run(LLM(path, device="cpu", dtype="float32", expert_parallel_size=2))
 
 
 def test_serve_with_tp_and_ep_answers_the_openai_client(tmp_path):

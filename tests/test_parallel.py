@@ -10,11 +10,9 @@ import time
 
 import pytest
 
-from conftest import build_hf, tp_workers
+from conftest import assert_a_killed_rank_ends_the_run, build_hf, tp_workers
 from rosetool.errors import RosetoolError
-from rosetool.runtime import LLM, SamplingParams
-
-LONG = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+from rosetool.runtime import LLM
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +36,7 @@ def wait_gone(pid: int, seconds: float) -> bool:
 
 
 def test_killed_worker_ends_the_run_with_one_line(model):
-    llm = LLM(model, device="cpu", dtype="float32", tensor_parallel_size=2)
-    (worker,) = llm.runner.group.workers
-    llm.add_request([3, 4, 5], LONG)
-    llm.step()
-    os.kill(worker.pid, signal.SIGKILL)
-    start = time.monotonic()
-    with pytest.raises(RosetoolError) as err:
-        while llm.has_unfinished():
-            llm.step()
-    assert time.monotonic() - start < 15
-    assert str(err.value) == "tensor-parallel rank 1 died mid-run (killed by signal 9)"
-    assert not tp_workers()
-    llm.close()   # after a failure: nothing left to do, and no error
+    assert_a_killed_rank_ends_the_run(LLM(model, device="cpu", dtype="float32", tensor_parallel_size=2))
 
 
 def test_worker_failing_to_start_is_named(model, tmp_path, monkeypatch):
